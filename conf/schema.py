@@ -1,0 +1,158 @@
+"""Hydra structured-config schema: the typed top-level config and `compose_config`, the one way to build it.
+
+`DSV4Config` is the root; each group (today only `model`) is a dataclass registered in Hydra's ConfigStore, and the
+YAML presets in this folder (`config.yaml`, `model/{debug,flash,pro}.yaml`) hold only values and name their schema
+in their defaults list. Struct mode makes a misspelt key or a wrongly typed value fail at composition; the error is
+re-raised as a `ConfigError` naming the key and the fix. `ModelConfig.validate` then rejects impossible combinations.
+
+Adding a group (data, optim, run, ...): a dataclass with a documented field per knob, a field of that type on
+`DSV4Config`, a `_GROUPS` entry, and `conf/<group>/*.yaml` presets starting with `defaults: [<group>_schema, _self_]`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass, is_dataclass
+from typing import Any, Sequence, get_args, get_type_hints
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from dsv4.model.config import ConfigError, ModelConfig
+
+CONF_DIR = os.path.dirname(os.path.abspath(__file__))
+"""The folder holding config.yaml and the group presets (shipped as package data of dsv4.conf)."""
+
+
+@dataclass
+class DSV4Config:
+    """Root of the composed config."""
+
+    model: ModelConfig = MISSING
+    """Architecture; chosen with `model=<preset>` (conf/model/*.yaml)."""
+    seq_length: int = 256
+    """Training sequence length in tokens."""
+
+
+_GROUPS = {"model": ModelConfig}
+"""Config group -> its schema dataclass, registered as `<group>/<group>_schema`."""
+
+
+def register_configs() -> None:
+    """Register the schemas in Hydra's ConfigStore (safe to call more than once: a store overwrites by name)."""
+    cs = ConfigStore.instance()
+    cs.store(name="dsv4_schema", node=DSV4Config)
+    for group, schema in _GROUPS.items():
+        cs.store(group=group, name=f"{group}_schema", node=schema)
+
+
+register_configs()
+
+
+def compose_config(model: str = "debug", overrides: Sequence[str] = ()) -> DSV4Config:
+    """Compose conf/config.yaml with the `model` preset and command-line style `overrides`, type-check and validate.
+
+    Example: `compose_config("flash", ["model.num_layers=4", "seq_length=4096"])`.
+    """
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+            cfg = compose("config", overrides=[f"model={model}", *overrides])
+    except MissingConfigException as e:
+        raise ConfigError(_missing_preset_message(e, model)) from e
+    except (HydraException, OmegaConfBaseException) as e:
+        raise _as_config_error(e) from e
+    return to_config(cfg)
+
+
+def to_config(cfg: DictConfig) -> DSV4Config:
+    """A composed DictConfig (from `compose_config` or a `@hydra.main` app) -> a validated `DSV4Config`."""
+    try:
+        _reject_added_keys(cfg, DSV4Config, "")
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise _as_config_error(e) from e
+    obj.model.validate(seq_length=obj.seq_length)
+    return obj
+
+
+# --- turning Hydra/OmegaConf errors into messages that name the key and the fix -------------------------------------
+
+
+def _reject_added_keys(node: DictConfig, schema: type, path: str) -> None:
+    """Struct mode stops `key=value` on an unknown key, but `+key=value` force-adds it and `to_object` would then
+    drop it silently; a misspelt `+model.hiden_size=128` must fail like the unprefixed one."""
+    hints = get_type_hints(schema)
+    for key, child in node.items_ex(resolve=False):
+        full_key = f"{path}.{key}" if path else str(key)
+        if key not in hints:
+            raise ConfigError(_unknown_key_message(full_key))
+        if isinstance(child, DictConfig) and not OmegaConf.is_missing(node, key) and is_dataclass(hints[key]):
+            _reject_added_keys(child, hints[key], full_key)
+
+
+def _as_config_error(exc: BaseException) -> ConfigError:
+    err = _omegaconf_cause(exc)
+    if err is None:
+        return ConfigError(f"{_first_line(exc)}; run with `--cfg job` to print the composed config")
+    key = err.full_key
+    # Hydra names the preset file whose values failed to merge: "In 'model/debug': ...".
+    source = re.match(r"In '([^']+)'", str(exc))
+    in_file = f" (in conf/{source.group(1)}.yaml)" if source else ""
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
+        return ConfigError(_unknown_key_message(key) + in_file)
+    field_type = _field_type(key)
+    if re.search(r"\[\d+\]$", key) and get_args(field_type):  # a list entry: name the entry's type
+        field_type = get_args(field_type)[0]
+    fix = f"; give a value of type {_type_name(field_type)}" if field_type is not None else ""
+    return ConfigError(f"{key}: {err.msg.splitlines()[0]}{fix}{in_file}")
+
+
+def _omegaconf_cause(exc: BaseException | None) -> OmegaConfBaseException | None:
+    """The outermost OmegaConf error in the cause/context chain that knows which key failed (`full_key`)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OmegaConfBaseException) and exc.full_key:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _unknown_key_message(full_key: str) -> str:
+    parent, _, name = full_key.rpartition(".")
+    schema = _field_type(parent) if parent else DSV4Config
+    valid = list(get_type_hints(schema)) if is_dataclass(schema) else []
+    close = difflib.get_close_matches(name, valid, n=1)
+    did_you_mean = f"did you mean '{close[0]}'? " if close else ""
+    where = f"conf/{parent}/debug.yaml" if parent in _GROUPS else "conf/config.yaml"
+    return f"{full_key}: no such key; {did_you_mean}see `--cfg job` / {where} for valid keys"
+
+
+def _field_type(full_key: str) -> Any:
+    """The schema type of dotted `full_key` (list indices stripped), or None if the schema has no such field."""
+    schema: Any = DSV4Config
+    for part in re.sub(r"\[\d+\]", "", full_key).split("."):
+        if not is_dataclass(schema):
+            return None
+        schema = get_type_hints(schema).get(part)
+    return schema
+
+
+def _type_name(tp: Any) -> str:
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+
+
+def _missing_preset_message(exc: MissingConfigException, model: str) -> str:
+    options = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(CONF_DIR, "model")) if f.endswith(".yaml"))
+    if f"'model/{model}'" in str(exc) or f"model={model}" in str(exc):
+        return f"model={model}: no such preset; choose one of {options} (conf/model/*.yaml)"
+    return f"{_first_line(exc)}; model presets: {options}"
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -1,0 +1,1 @@
+"""dsv4.model: the DeepSeek-V4 architecture, Megatron-style (see model/transformer.py for the map)."""

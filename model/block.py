@@ -1,0 +1,72 @@
+"""One DeepSeek-V4 block and the multi-token-prediction block (spec sections 2 and 6; reference `Block`, `MTPBlock`).
+
+There is no plain residual add: mHC wraps attention and MoE separately, and RMSNorm comes *after* the mHC
+collapse, right before the sublayer:
+    x, post, res = pre-mix(X);  X = post * attn(attn_norm(x)) + res^T X
+    x, post, res = pre-mix(X);  X = post * moe(ffn_norm(x), ids) + res^T X
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsv4.parallel.layers import LayerContext, replicated_linear
+
+from .attention import Attention
+from .config import ModelConfig
+from .mhc import HyperConnection, HyperHead
+from .moe import MoE
+from .norm import RMSNorm
+from .rope import RotaryEmbedding
+
+
+class Block(nn.Module):
+    """Attention and MoE sublayers, each inside its own hyper-connection. `layer` indexes `compress_ratios`."""
+
+    def __init__(self, cfg: ModelConfig, ctx: LayerContext, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.attn_hc = HyperConnection(cfg)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, ctx, layer)
+        self.ffn_hc = HyperConnection(cfg)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.ffn = MoE(cfg, ctx, layer)
+
+    def forward(self, streams: torch.Tensor, token_ids: torch.Tensor, rope: RotaryEmbedding,
+                aux: dict | None = None) -> torch.Tensor:
+        """streams [s, b, n, d], token_ids [s, b] -> streams [s, b, n, d]."""
+        pre, post, res = self.attn_hc.weights(streams)
+        out = self.attn(self.attn_norm(self.attn_hc.collapse(streams, pre)), rope, aux)
+        streams = self.attn_hc.expand(out, streams, post, res)
+
+        pre, post, res = self.ffn_hc.weights(streams)
+        out = self.ffn(self.ffn_norm(self.ffn_hc.collapse(streams, pre)), token_ids, aux)
+        return self.ffn_hc.expand(out, streams, post, res)
+
+
+class MTPBlock(nn.Module):
+    """Multi-token prediction depth k (reference `MTPBlock`; V3/V4 MTP).
+
+    Combines the previous depth's streams at position t with the embedding of token t+k:
+        X = e_proj(enorm(embed(ids shifted by k))) + h_proj(hnorm(X_prev))   (h_proj per stream)
+    then one full block (its schedule entry is `compress_ratios[num_layers + k - 1]`), then its own `hc_head`.
+    The embedding, final norm and output head are shared with the main model.
+    """
+
+    def __init__(self, cfg: ModelConfig, ctx: LayerContext, depth: int):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.e_proj = replicated_linear(ctx, cfg.hidden_size, cfg.hidden_size)
+        self.h_proj = replicated_linear(ctx, cfg.hidden_size, cfg.hidden_size)
+        self.block = Block(cfg, ctx, cfg.num_layers + depth - 1)
+        self.hc_head = HyperHead(cfg)
+
+    def forward(self, streams: torch.Tensor, embedded_next: torch.Tensor, token_ids_next: torch.Tensor,
+                rope: RotaryEmbedding, aux: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """streams [s, b, n, d]; embedded_next [s, b, d] -> (new streams, collapsed hidden [s, b, d])."""
+        x = self.e_proj(self.enorm(embedded_next)).unsqueeze(-2) + self.h_proj(self.hnorm(streams))
+        streams = self.block(x, token_ids_next, rope, aux)
+        return streams, self.hc_head(streams)

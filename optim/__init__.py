@@ -1,0 +1,1 @@
+"""dsv4.optim: optimizers (the distributed Muon lands here; see optim/README.md)."""

@@ -1,0 +1,70 @@
+"""`dsv4-export`: write a Hugging Face `deepseek_v4` directory from a model's weights.
+
+    dsv4-export --out hf/ --model debug --seed 0                 # a freshly initialised debug model
+    dsv4-export --out hf/ --weights model.pt --model flash        # a state dict saved with torch.save
+    dsv4-export --out hf/ --hf other_hf_dir/ --dtype bfloat16      # re-export (e.g. change the dtype)
+    dsv4-export --out hf/ --model debug model.num_layers=4 'model.compress_ratios=[0,4,16,4,0]'
+
+Trailing arguments are Hydra overrides of the model config. The directory loads in
+`transformers.DeepseekV4ForCausalLM.from_pretrained`. Exporting from sharded training checkpoints comes with the
+checkpoint support.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="dsv4-export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="output directory (created; must be empty if it exists)")
+    p.add_argument("--model", default="debug", help="model preset: debug, flash or pro (default: debug)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--weights", help="a torch.save'd state dict of a dsv4 model of this config")
+    src.add_argument("--hf", help="a Hugging Face deepseek_v4 directory to re-export (its config.json is used)")
+    p.add_argument("--seed", type=int, default=0, help="init seed when no weights are given (default: 0)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating tensors before writing")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides of the model config, e.g. model.num_layers=4")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    import dsv4
+    from dsv4.model.config import ConfigError
+
+    if os.path.exists(args.out) and os.listdir(args.out):
+        print(f"dsv4-export: --out {args.out} exists and is not empty; choose a new directory", file=sys.stderr)
+        return 2
+    try:
+        if args.hf:
+            model = dsv4.load_hf(args.hf)
+        else:
+            model = dsv4.build_model(args.model, args.overrides, seed=args.seed)
+            if args.weights:
+                if not os.path.isfile(args.weights):
+                    raise FileNotFoundError(f"--weights {args.weights}: no such file")
+                state = torch.load(args.weights, map_location="cpu", weights_only=True)
+                result = model.load_state_dict(state, strict=False)
+                missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+                if missing or result.unexpected_keys:
+                    raise KeyError(f"--weights {args.weights} does not match --model {args.model} with overrides "
+                                   f"{args.overrides}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+        dsv4.export_hf(model, args.out, dtype=DTYPES.get(args.dtype))
+    except (ConfigError, FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
+        print(f"dsv4-export: {e}", file=sys.stderr)
+        return 2
+    n = sum(p.numel() for p in model.parameters())
+    print(f"dsv4-export: wrote {args.out} ({n:,} parameters, {model.cfg.num_layers} blocks, "
+          f"MTP depth {model.cfg.mtp_depth})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
