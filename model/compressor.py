@@ -49,7 +49,7 @@ class Compressor(nn.Module):
                  for_indexer: bool = False):
         super().__init__()
         self.ratio, self.head_dim, self.overlap, self.for_indexer = ratio, head_dim, overlap, for_indexer
-        self.quant_sim = cfg.quant_sim
+        self.quant_sim, self.fp8_block, self.fp4_block = cfg.quant_sim, cfg.quant_fp8_block, cfg.quant_fp4_block
         self.rope_dim = cfg.rope_head_dim
         width = (2 if overlap else 1) * head_dim
         self.wkv = replicated_linear(ctx, cfg.hidden_size, width, dtype=torch.float32)
@@ -77,9 +77,9 @@ class Compressor(nn.Module):
         c = apply_rope(c, cos, sin)
         if self.quant_sim:
             if self.for_indexer:
-                c = straight_through(hadamard_rotate(c), lambda t: fp4_e2m1_qdq(t, 32))
+                c = straight_through(hadamard_rotate(c), lambda t: fp4_e2m1_qdq(t, self.fp4_block))
             else:
-                nope = straight_through(c[..., : -self.rope_dim], lambda t: fp8_e4m3_qdq(t, 64))
+                nope = straight_through(c[..., : -self.rope_dim], lambda t: fp8_e4m3_qdq(t, self.fp8_block))
                 c = torch.cat([nope, c[..., -self.rope_dim:]], dim=-1)
         return c.to(x.dtype)
 
@@ -102,7 +102,7 @@ class LightningIndexer(nn.Module):
         self.n_local_heads = divide(cfg.index_n_heads, ctx.tp_size, "model.index_n_heads / tensor parallel size")
         self.score_scale = cfg.index_head_dim ** -0.5
         self.weight_scale = cfg.index_n_heads ** -0.5
-        self.quant_sim = cfg.quant_sim
+        self.quant_sim, self.fp4_block = cfg.quant_sim, cfg.quant_fp4_block
         self.wq_b = ColumnLinear(ctx, cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim)
         self.weights_proj = ColumnLinear(ctx, cfg.hidden_size, cfg.index_n_heads)
         self.compressor = Compressor(cfg, ctx, cfg.csa_ratio, cfg.index_head_dim, overlap=True, for_indexer=True)
@@ -117,7 +117,7 @@ class LightningIndexer(nn.Module):
         cos, sin = rope(torch.arange(s, device=x.device), "compress")
         q = apply_rope(q, cos, sin)
         if self.quant_sim:
-            q = straight_through(hadamard_rotate(q), lambda t: fp4_e2m1_qdq(t, 32))
+            q = straight_through(hadamard_rotate(q), lambda t: fp4_e2m1_qdq(t, self.fp4_block))
         scores = F.relu(torch.einsum("sbhc,tbc->bsht", q.float(), keys)) * self.score_scale  # [b, s, h, T]
         weights = self.weights_proj(x).float() * self.weight_scale  # [s, b, h]
         scores = (scores * weights.permute(1, 0, 2).unsqueeze(-1)).sum(dim=2)  # [b, s, T]

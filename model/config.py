@@ -129,9 +129,13 @@ class ModelConfig:
     # --- numerics ----------------------------------------------------------------------------------------------
     rms_norm_eps: float = 1e-6
     """Epsilon of every RMSNorm."""
-    quant_sim: bool = False
+    quant_sim: bool = True
     """Quantize-dequantize simulation of the reference: FP8 (e4m3, 1x64 ue8m0 blocks) on the non-RoPE dims of
     compressed KV, FP4 (e2m1, 1x32 blocks) on indexer q/k. Off matches Hugging Face transformers exactly."""
+    quant_fp8_block: int = 64
+    """Elements per ue8m0 scale in the FP8 simulation (reference: 64); must divide head_dim - rope_head_dim."""
+    quant_fp4_block: int = 32
+    """Elements per ue8m0 scale in the FP4 simulation (reference: 32, MXFP4); must divide index_head_dim."""
     init_std: float = 0.02
     """Std of the normal initialisation of weight matrices."""
 
@@ -196,6 +200,14 @@ class ModelConfig:
              f"entries {bad} are not 0 (SWA), csa_ratio={self.csa_ratio} or hca_ratio={self.hca_ratio}")
         need(self.num_hash_layers <= self.num_layers, "num_hash_layers",
              f"{self.num_hash_layers} hash-routed layers but only num_layers={self.num_layers} blocks")
+        if self.quant_sim:
+            nope = self.head_dim - self.rope_head_dim
+            need(self.quant_fp8_block > 0 and nope % self.quant_fp8_block == 0, "quant_fp8_block",
+                 f"{self.quant_fp8_block} must divide the {nope} non-RoPE dims of a head (head_dim - rope_head_dim); "
+                 f"pick a divisor or set model.quant_sim=false")
+            need(self.quant_fp4_block > 0 and self.index_head_dim % self.quant_fp4_block == 0, "quant_fp4_block",
+                 f"{self.quant_fp4_block} must divide index_head_dim={self.index_head_dim}; pick a divisor or set "
+                 f"model.quant_sim=false")
         need(self.yarn_factor >= 1.0, "yarn_factor", f"must be >= 1 (1 disables YaRN), got {self.yarn_factor}")
         need(0.0 <= self.mtp_loss_weight, "mtp_loss_weight", "must be >= 0")
         need(self.swiglu_limit >= 0.0, "swiglu_limit", "must be >= 0 (0 disables the clamp)")

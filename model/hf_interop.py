@@ -163,7 +163,11 @@ def to_hf_config(cfg: ModelConfig) -> dict:
 
 
 def from_hf_config(hf: dict, **overrides) -> ModelConfig:
-    """A ModelConfig from a `deepseek_v4` config.json (ours, or one of the released ones)."""
+    """A ModelConfig from a `deepseek_v4` config.json (ours, or one of the released ones).
+
+    Fields transformers knows come from its keys; the rest from our `dsv4` block when there is one. Without it
+    the quantization simulation is off, so the imported model computes what transformers computes.
+    """
     if hf.get("model_type") != "deepseek_v4":
         raise ValueError(f"config.json has model_type={hf.get('model_type')!r}; expected 'deepseek_v4'")
     n = hf["num_hidden_layers"]
@@ -203,6 +207,8 @@ def from_hf_config(hf: dict, **overrides) -> ModelConfig:
         hash_seed=ours.get("hash_seed", 0), swiglu_limit=hf.get("swiglu_limit", 10.0),
         hc_mult=hf.get("hc_mult", 4), hc_sinkhorn_iters=hf.get("hc_sinkhorn_iters", 20),
         hc_eps=hf.get("hc_eps", 1e-6), mtp_depth=mtp_depth, rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        # transformers computes without the FP8/FP4 simulation: without our block, import what it computes.
+        quant_sim=False,
     )
     if yarn:
         fields.update(yarn_original_max_position=int(compress.get("original_max_position_embeddings", 65536)),

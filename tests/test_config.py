@@ -200,6 +200,15 @@ def test_swiglu_limit_non_negative():
     assert_rejected(["model.swiglu_limit=-1"], "swiglu_limit", ">= 0")
 
 
+def test_fp8_block_divides_the_non_rope_dims_when_simulating():
+    assert_rejected(["model.quant_sim=true", "model.quant_fp8_block=16"], "quant_fp8_block", "must divide the 24")
+    compose_config("debug", ["model.quant_sim=false", "model.quant_fp8_block=16"])  # unused when off
+
+
+def test_fp4_block_divides_the_indexer_head_when_simulating():
+    assert_rejected(["model.quant_sim=true", "model.quant_fp4_block=32"], "quant_fp4_block", "index_head_dim=16")
+
+
 # --- checks that depend on the sequence length --------------------------------------------------------------------
 
 

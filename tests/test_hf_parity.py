@@ -6,6 +6,7 @@ is randomised before export, so a mis-mapped or ignored tensor shows up as a log
 
 import json
 import os
+import random
 
 import pytest
 import torch
@@ -28,6 +29,24 @@ CONFIGS = {
                             "rope_head_dim=16", "index_head_dim=32", "index_n_heads=2", "hidden_size=48",
                             "q_lora_rank=24", "o_lora_rank=16", "sliding_window=24"], 97),
 }
+
+
+def random_config(seed: int) -> tuple[list[str], int]:
+    """A random small V4 config (schedule, heads, groups, hash layers, MTP depth, window, YaRN) and a length."""
+    r = random.Random(seed)
+    n, mtp = r.randint(2, 5), r.randint(0, 2)
+    hca = r.choice([8, 16])
+    heads = r.choice([2, 4, 8])
+    return ([f"num_layers={n}", f"mtp_depth={mtp}", f"hca_ratio={hca}",
+             f"compress_ratios=[{','.join(str(r.choice([0, 4, hca])) for _ in range(n + mtp))}]",
+             f"num_heads={heads}", f"o_groups={r.choice([g for g in (1, 2, 4) if heads % g == 0])}",
+             f"num_hash_layers={r.randint(0, n)}", f"sliding_window={r.choice([8, 16, 32])}",
+             f"index_topk={r.choice([2, 8, 16])}", f"n_activated_experts={r.randint(1, 4)}",
+             f"yarn_factor={r.choice([1, 4])}"], r.randint(64, 160))
+
+
+for _seed in range(3):
+    CONFIGS[f"random{_seed}"] = random_config(_seed)
 
 
 def randomize_(model: torch.nn.Module, seed: int) -> None:

@@ -63,6 +63,9 @@ def main(argv=None) -> int:
     n = sum(p.numel() for p in model.parameters())
     print(f"dsv4-export: wrote {args.out} ({n:,} parameters, {model.cfg.num_layers} blocks, "
           f"MTP depth {model.cfg.mtp_depth})")
+    if model.cfg.quant_sim:
+        print("dsv4-export: note: this model simulates FP8/FP4 (model.quant_sim=true); transformers computes "
+              "without the simulation, so its logits differ slightly from dsv4's")
     return 0
 
 
