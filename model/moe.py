@@ -33,18 +33,24 @@ def sqrt_softplus(logits: torch.Tensor) -> torch.Tensor:
 def make_tid2eid(vocab_size: int, n_experts: int, top_k: int, seed: int) -> torch.Tensor:
     """The frozen token -> experts table of a hash layer: k distinct experts per token, expert loads balanced.
 
-    DeepSeek's hash function is not published (spec: NOT FOUND). Ours deals experts round-robin over a seeded
-    random token order, k distinct experts per token, so every expert gets vocab*k/E tokens (+-1).
+    DeepSeek's hash function is not published (spec: NOT FOUND). Ours deals a stream of seeded random
+    permutations of the E experts to the tokens, k at a time: every permutation holds each expert once, so loads
+    differ by at most 1; a token whose k experts straddle two permutations gets the second one's experts it does
+    not hold yet first, so its k experts are distinct (k <= E); and the random permutations make the expert sets
+    of different tokens diverse.
     """
     g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(vocab_size, generator=g)
-    # Slot j of the i-th token in the order goes to expert (i + j * stride) mod E: distinct over j because
-    # (k - 1) * stride < E, and round-robin over i balances the loads.
-    stride = max(1, n_experts // top_k)
-    experts = (torch.arange(vocab_size).unsqueeze(1) + torch.arange(top_k).unsqueeze(0) * stride) % n_experts
-    table = torch.empty(vocab_size, top_k, dtype=torch.long)
-    table[order] = experts
-    return table
+    needed = vocab_size * top_k
+    stream, dealt = [], 0
+    while dealt < needed:
+        perm = torch.randperm(n_experts, generator=g)
+        held = dealt % top_k  # experts the token being filled already holds (the end of the last permutation)
+        if held:
+            clash = torch.isin(perm, stream[-1][-held:])
+            perm = torch.cat([perm[~clash], perm[clash]])
+        stream.append(perm)
+        dealt += n_experts
+    return torch.cat(stream)[:needed].view(vocab_size, top_k).clone()
 
 
 class Router(nn.Module):
