@@ -34,7 +34,7 @@ def model_config(preset: str = "debug", overrides: Sequence[str] = ()) -> ModelC
 
 def build_model(preset: str | ModelConfig = "debug", overrides: Sequence[str] = (), seed: int = 0,
                 groups: Optional[ParallelGroups] = None, dtype: torch.dtype = torch.float32) -> DSV4Model:
-    """A freshly initialised model (deterministic for `seed`), on CPU, in eval mode."""
+    """A freshly initialised model (deterministic for `seed`; on this rank's GPU if there is one), in eval mode."""
     cfg = preset if isinstance(preset, ModelConfig) else model_config(preset, overrides)
     groups = groups or init_distributed()
     torch.manual_seed(seed)
@@ -59,6 +59,7 @@ def load_weights(model: DSV4Model, path: str) -> DSV4Model:
 @torch.no_grad()
 def logits(model: DSV4Model, token_ids: torch.Tensor) -> torch.Tensor:
     """Next-token logits [b, s, vocab] for token ids [b, s] (or [s])."""
+    token_ids = token_ids.to(next(model.parameters()).device)
     if token_ids.dim() == 1:
         return model(token_ids.unsqueeze(0)).logits[0]
     return model(token_ids).logits

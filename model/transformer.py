@@ -60,6 +60,8 @@ class DSV4Model(MegatronModule):
         self.head = ColumnLinear(ctx, cfg.hidden_size, cfg.vocab_size)
         self.mtp = torch.nn.ModuleList(MTPBlock(cfg, ctx, k) for k in range(1, cfg.mtp_depth + 1))
         self.phase = "sparse"
+        if torch.cuda.is_available():  # built on the CPU (see make_layer_context), run on this rank's GPU
+            self.cuda(torch.cuda.current_device())
 
     # --- attention phases ----------------------------------------------------------------------------------
     def set_attention_phase(self, phase: str) -> None:

@@ -44,12 +44,16 @@ class LayerContext:
 
 def make_layer_context(tp_group: dist.ProcessGroup, init_std: float,
                        params_dtype: torch.dtype = torch.float32) -> LayerContext:
-    """Megatron's ModelParallelConfig for our layers; CPU initialisation when there is no GPU."""
+    """Megatron's ModelParallelConfig for our layers.
+
+    Weights are always initialised on the CPU, as the full (master) tensor sliced to this rank's part, from the
+    torch generator: a model built with a given seed is the same on CPU and GPU and for every tensor-parallel size.
+    The model moves itself to the GPU afterwards when there is one.
+    """
     mp_config = ModelParallelConfig(
         tensor_model_parallel_size=dist.get_world_size(tp_group),
         params_dtype=params_dtype,
-        use_cpu_initialization=not torch.cuda.is_available(),
-        # Initialise the full (master) weight and slice it, so a model is the same for every TP size.
+        use_cpu_initialization=True,
         perform_initialization=True,
     )
     return LayerContext(mp_config, tp_group, init_std)

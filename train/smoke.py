@@ -55,6 +55,7 @@ def main(argv=None) -> int:
         print(f"dsv4-smoke: {e}", file=sys.stderr)
         return 2
     model = dsv4.build_model(cfg, seed=args.seed).train()
+    tokens = tokens.to(next(model.parameters()).device)
     total, active = parameter_counts(model)
     print(f"dsv4-smoke: model={args.model} parameters={total:,} active/token={active:,} "
           f"schedule={cfg.compress_ratios} (0=SWA, {cfg.csa_ratio}=CSA, {cfg.hca_ratio}=HCA; last {cfg.mtp_depth} MTP)")
