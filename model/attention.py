@@ -28,6 +28,7 @@ from dsv4.parallel.mappings import sum_gradients_over
 from .compressor import Compressor, LightningIndexer, compressed_visibility, select_topk
 from .config import ModelConfig
 from .norm import RMSNorm, rms_normalize
+from .quant import simulate_kv_fp8
 from .rope import RotaryEmbedding, apply_rope
 
 
@@ -95,6 +96,7 @@ class Attention(nn.Module):
         self.n_local_heads = divide(cfg.num_heads, ctx.tp_size, "model.num_heads / tensor parallel size")
         self.n_local_groups = divide(cfg.o_groups, ctx.tp_size, "model.o_groups / tensor parallel size")
         self.eps = cfg.rms_norm_eps
+        self.quant_sim, self.rope_dim, self.fp8_block = cfg.quant_sim, cfg.rope_head_dim, cfg.quant_fp8_block
         # Which attention phase the layer runs (dense -> indexer_warmup -> sparse); set by the model.
         self.phase = "sparse"
 
@@ -126,6 +128,8 @@ class Attention(nn.Module):
         q = self.wq_b(q_latent).view(s, b, self.n_local_heads, self.head_dim)
         q = apply_rope(rms_normalize(q, self.eps), cos, sin)
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [s, b, D]
+        if self.quant_sim:
+            kv = simulate_kv_fp8(kv, self.rope_dim, self.fp8_block)
 
         keys = kv
         mask = sliding_window_mask(s, self.window, x.device).unsqueeze(0)  # [1, s, s]

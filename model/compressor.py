@@ -22,7 +22,7 @@ from dsv4.parallel.mappings import sum_gradients_over, sum_values_over
 
 from .config import ModelConfig
 from .norm import RMSNorm
-from .quant import fp4_e2m1_qdq, fp8_e4m3_qdq, hadamard_rotate, straight_through
+from .quant import simulate_indexer_fp4, simulate_kv_fp8
 from .rope import RotaryEmbedding, apply_rope
 
 
@@ -76,11 +76,8 @@ class Compressor(nn.Module):
         cos, sin = rope(torch.arange(n, device=x.device) * m, "compress")
         c = apply_rope(c, cos, sin)
         if self.quant_sim:
-            if self.for_indexer:
-                c = straight_through(hadamard_rotate(c), lambda t: fp4_e2m1_qdq(t, self.fp4_block))
-            else:
-                nope = straight_through(c[..., : -self.rope_dim], lambda t: fp8_e4m3_qdq(t, self.fp8_block))
-                c = torch.cat([nope, c[..., -self.rope_dim:]], dim=-1)
+            c = (simulate_indexer_fp4(c, self.fp4_block) if self.for_indexer
+                 else simulate_kv_fp8(c, self.rope_dim, self.fp8_block))
         return c.to(x.dtype)
 
 
@@ -117,7 +114,7 @@ class LightningIndexer(nn.Module):
         cos, sin = rope(torch.arange(s, device=x.device), "compress")
         q = apply_rope(q, cos, sin)
         if self.quant_sim:
-            q = straight_through(hadamard_rotate(q), lambda t: fp4_e2m1_qdq(t, self.fp4_block))
+            q = simulate_indexer_fp4(q, self.fp4_block)
         scores = F.relu(torch.einsum("sbhc,tbc->bsht", q.float(), keys)) * self.score_scale  # [b, s, h, T]
         weights = self.weights_proj(x).float() * self.weight_scale  # [s, b, h]
         scores = (scores * weights.permute(1, 0, 2).unsqueeze(-1)).sum(dim=2)  # [b, s, T]

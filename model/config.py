@@ -131,7 +131,8 @@ class ModelConfig:
     """Epsilon of every RMSNorm."""
     quant_sim: bool = True
     """Quantize-dequantize simulation of the reference: FP8 (e4m3, 1x64 ue8m0 blocks) on the non-RoPE dims of
-    compressed KV, FP4 (e2m1, 1x32 blocks) on indexer q/k. Off matches Hugging Face transformers exactly."""
+    K=V (window rows and compressed entries), FP4 (e2m1, 1x32 blocks) on indexer q/k after a Hadamard rotation.
+    Off matches Hugging Face transformers exactly."""
     quant_fp8_block: int = 64
     """Elements per ue8m0 scale in the FP8 simulation (reference: 64); must divide head_dim - rope_head_dim."""
     quant_fp4_block: int = 32

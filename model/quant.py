@@ -1,7 +1,8 @@
 """Quantize-dequantize simulation of DeepSeek-V4's low-precision KV and indexer paths (spec sections 4, 7).
 
 The reference inference code keeps a BF16 cache that holds FP8/FP4-*simulated* values:
-- compressed KV, non-RoPE dims: FP8 e4m3 in 1x64 blocks with power-of-two (ue8m0) scales (`act_quant`);
+- K=V of every layer (sliding-window rows and compressed entries), non-RoPE dims: FP8 e4m3 in 1x64 blocks with
+  power-of-two (ue8m0) scales (`act_quant(kv[..., :-rd], 64, ...)`); the RoPE dims stay high precision;
 - lightning-indexer q and compressed keys: a Hadamard rotation, then FP4 e2m1 in 1x32 blocks (`fp4_quant`).
 Training with the same simulation is quantization-aware training: the forward sees quantized values and the
 backward passes straight through (straight-through estimator), as in V4's FP4 QAT. The whole path is switched by
@@ -73,3 +74,14 @@ def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
     """x @ H over the last dim (the indexer's rotation before FP4: it spreads outliers across the block)."""
     h = _hadamard_matrix(x.shape[-1]).to(device=x.device, dtype=x.dtype)
     return x @ h
+
+
+def simulate_kv_fp8(kv: torch.Tensor, rope_dim: int, block: int) -> torch.Tensor:
+    """The reference's K=V precision: FP8 on the non-RoPE dims, RoPE dims untouched (straight-through)."""
+    nope = straight_through(kv[..., :-rope_dim], lambda t: fp8_e4m3_qdq(t, block))
+    return torch.cat([nope, kv[..., -rope_dim:]], dim=-1)
+
+
+def simulate_indexer_fp4(x: torch.Tensor, block: int) -> torch.Tensor:
+    """The reference's indexer q/k precision: Hadamard rotation, then FP4 (straight-through)."""
+    return straight_through(hadamard_rotate(x), lambda t: fp4_e2m1_qdq(t, block))

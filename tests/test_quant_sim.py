@@ -3,6 +3,7 @@
 import torch
 
 import dsv4
+from dsv4.model.attention import Attention
 from dsv4.model.compressor import Compressor
 from dsv4.model.quant import fp8_e4m3_qdq, hadamard_rotate
 from dsv4.model.rope import RotaryEmbedding
@@ -43,3 +44,17 @@ def test_hadamard_rotation_alone_leaves_indexer_scores_unchanged():
     """Why the rotation is skipped without the simulation: (Hq).(Hk) = q.k for the orthogonal H."""
     q, k = torch.randn(5, 16, dtype=torch.float64), torch.randn(7, 16, dtype=torch.float64)
     torch.testing.assert_close(hadamard_rotate(q) @ hadamard_rotate(k).T, q @ k.T)
+
+
+def test_window_kv_is_simulated_too(groups, debug_cfg):
+    """Like the reference (`act_quant(kv[..., :-rd])` right after RoPE), SWA-only layers see FP8 K=V as well."""
+    ctx = make_layer_context(groups.tp, 0.02)
+    rope = RotaryEmbedding(debug_cfg)
+    torch.manual_seed(0)
+    exact = Attention(debug_cfg.replace(quant_sim=False), ctx, layer=0)
+    sim = Attention(debug_cfg.replace(quant_sim=True), ctx, layer=0)
+    sim.load_state_dict(exact.state_dict())
+    x = torch.randn(64, 2, debug_cfg.hidden_size)
+    a, b = exact(x, rope), sim(x, rope)
+    assert not torch.equal(a, b)
+    assert (a - b).norm() < 0.1 * a.norm()
