@@ -123,7 +123,8 @@ class GroupedExperts(nn.Module):
 class SharedExpert(nn.Module):
     """The always-active expert(s), width n_shared * moe_intermediate_size.
 
-    `transformers` clamps the shared expert like the routed ones; we follow it (the parity target).
+    `transformers` clamps the shared expert like the routed ones; DeepSeek's inference code builds it without
+    `swiglu_limit`. We follow transformers, the parity target.
     """
 
     def __init__(self, cfg: ModelConfig, ctx: LayerContext):

@@ -15,8 +15,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 import torch
+
+# megatron-core warns once per module that TransformerEngine/apex are absent; on CPU that is expected.
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -12,8 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 
 import torch
+
+# megatron-core warns once per module that TransformerEngine/apex are absent; on CPU that is expected.
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 
 def text_batch(batch: int, seq: int, vocab: int) -> torch.Tensor:
