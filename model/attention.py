@@ -139,7 +139,9 @@ class Attention(nn.Module):
             n = compressed.shape[0]
             visible = compressed_visibility(s, n, self.ratio, x.device)  # [s, T]
             comp_mask = visible.unsqueeze(0).expand(b, s, n)
-            if self.indexer is not None and n > 0 and (self.phase != "dense"):
+            # Sparse attention needs the indexer's picks; the warm-up needs its scores only to train it.
+            needs_scores = self.phase == "sparse" or (self.phase == "indexer_warmup" and self.training)
+            if self.indexer is not None and n > 0 and needs_scores:
                 # The indexer's only gradient is its KL loss: its inputs are detached from the main model.
                 index_scores = self.indexer(x.detach(), q_latent.detach(), rope)  # [b, s, T]
                 if self.phase == "sparse":
