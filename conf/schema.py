@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from dataclasses import dataclass, is_dataclass
+from dataclasses import dataclass, field, is_dataclass
 from typing import Any, Sequence, get_args, get_type_hints
 
 from hydra import compose, initialize_config_dir
@@ -25,21 +25,61 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from dsv4.model.config import ConfigError, ModelConfig
 
+from .groups import ClusterConfig, DataConfig, OptimConfig, ParallelConfig, PrecisionConfig, RunConfig
+
 CONF_DIR = os.path.dirname(os.path.abspath(__file__))
 """The folder holding config.yaml and the group presets (shipped as package data of dsv4.conf)."""
 
 
 @dataclass
 class DSV4Config:
-    """Root of the composed config."""
+    """Root of the composed config: one field per group."""
 
     model: ModelConfig = MISSING
     """Architecture; chosen with `model=<preset>` (conf/model/*.yaml)."""
-    seq_length: int = 256
-    """Training sequence length in tokens."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout (conf/parallel/*.yaml)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and LR schedule (conf/optim/*.yaml)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Datasets, tokenizer, sequence length and batch sizes (conf/data/*.yaml)."""
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    """Numeric formats (conf/precision/*.yaml)."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Output folder, length, intervals, seed (conf/run/*.yaml)."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """Where the job runs (conf/cluster/*.yaml)."""
+
+    def validate(self, world_size: int | None = None) -> "DSV4Config":
+        """Every group's checks, then the ones across groups; `world_size` defaults to $WORLD_SIZE or 1."""
+        for group in (self.parallel, self.optim, self.data, self.precision, self.run, self.cluster):
+            group.validate()
+        self.model.validate(seq_length=self.data.seq_length)
+        tp = self.parallel.tensor_parallel
+        for key in ("num_heads", "o_groups", "index_n_heads", "vocab_size"):
+            if getattr(self.model, key) % tp:
+                raise ConfigError(f"model.{key}: {getattr(self.model, key)} is not divisible by "
+                                  f"parallel.tensor_parallel={tp}; pick a tensor-parallel size that divides it")
+        world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+        if world < 1:
+            raise ConfigError(f"parallel.tensor_parallel: cannot lay out {world} ranks; the world size "
+                              f"(world_size or $WORLD_SIZE) must be >= 1")
+        if world % tp:
+            raise ConfigError(f"parallel.tensor_parallel: {tp} does not divide the {world} ranks; launch a multiple "
+                              f"of {tp} ranks or change it")
+        per_step = self.data.micro_batch_size * (world // tp)
+        if self.data.global_batch_size % per_step:
+            raise ConfigError(f"data.global_batch_size: {self.data.global_batch_size} is not a multiple of "
+                              f"data.micro_batch_size={self.data.micro_batch_size} x {world // tp} data-parallel "
+                              f"ranks = {per_step}; use a multiple of {per_step}")
+        if self.optim.warmup_steps >= self.run.steps and self.optim.schedule != "constant":
+            raise ConfigError(f"optim.warmup_steps: {self.optim.warmup_steps} warm-up steps leave no decay in "
+                              f"run.steps={self.run.steps}; lower it or run longer")
+        return self
 
 
-_GROUPS = {"model": ModelConfig}
+_GROUPS = {"model": ModelConfig, "parallel": ParallelConfig, "optim": OptimConfig, "data": DataConfig,
+           "precision": PrecisionConfig, "run": RunConfig, "cluster": ClusterConfig}
 """Config group -> its schema dataclass, registered as `<group>/<group>_schema`."""
 
 
@@ -54,10 +94,11 @@ def register_configs() -> None:
 register_configs()
 
 
-def compose_config(model: str = "debug", overrides: Sequence[str] = ()) -> DSV4Config:
+def compose_config(model: str = "debug", overrides: Sequence[str] = (), world_size: int | None = None) -> DSV4Config:
     """Compose conf/config.yaml with the `model` preset and command-line style `overrides`, type-check and validate.
 
-    Example: `compose_config("flash", ["model.num_layers=4", "seq_length=4096"])`.
+    Example: `compose_config("flash", ["model.num_layers=4", "data.seq_length=4096"])`. The layout checks use
+    `world_size` ranks (default: $WORLD_SIZE, else 1).
     """
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
@@ -66,18 +107,17 @@ def compose_config(model: str = "debug", overrides: Sequence[str] = ()) -> DSV4C
         raise ConfigError(_missing_preset_message(e, model)) from e
     except (HydraException, OmegaConfBaseException) as e:
         raise _as_config_error(e) from e
-    return to_config(cfg)
+    return to_config(cfg, world_size)
 
 
-def to_config(cfg: DictConfig) -> DSV4Config:
+def to_config(cfg: DictConfig, world_size: int | None = None) -> DSV4Config:
     """A composed DictConfig (from `compose_config` or a `@hydra.main` app) -> a validated `DSV4Config`."""
     try:
         _reject_added_keys(cfg, DSV4Config, "")
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise _as_config_error(e) from e
-    obj.model.validate(seq_length=obj.seq_length)
-    return obj
+    return obj.validate(world_size)
 
 
 # --- turning Hydra/OmegaConf errors into messages that name the key and the fix -------------------------------------
@@ -129,7 +169,8 @@ def _unknown_key_message(full_key: str) -> str:
     valid = list(get_type_hints(schema)) if is_dataclass(schema) else []
     close = difflib.get_close_matches(name, valid, n=1)
     did_you_mean = f"did you mean '{close[0]}'? " if close else ""
-    where = f"conf/{parent}/debug.yaml" if parent in _GROUPS else "conf/config.yaml"
+    # The schema lists every key; a group's presets may state only some (and only model has a debug.yaml).
+    where = f"{_GROUPS[parent].__module__}.{_GROUPS[parent].__qualname__}" if parent in _GROUPS else "conf/config.yaml"
     return f"{full_key}: no such key; {did_you_mean}see `--cfg job` / {where} for valid keys"
 
 
@@ -148,10 +189,19 @@ def _type_name(tp: Any) -> str:
 
 
 def _missing_preset_message(exc: MissingConfigException, model: str) -> str:
-    options = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(CONF_DIR, "model")) if f.endswith(".yaml"))
-    if f"'model/{model}'" in str(exc) or f"model={model}" in str(exc):
-        return f"model={model}: no such preset; choose one of {options} (conf/model/*.yaml)"
+    # Hydra: "In 'config': Could not find 'optim/sgd'" -- any group's preset, not only the model's.
+    found = re.search(r"Could not find '([^'/]+)/([^']+)'", str(exc))
+    group, name = found.groups() if found else ("model", model)
+    if group not in _GROUPS:
+        return f"{_first_line(exc)}; run with `--cfg job` to print the composed config"
+    options = _presets(group)
+    if found or f"'model/{model}'" in str(exc) or f"model={model}" in str(exc):
+        return f"{group}={name}: no such preset; choose one of {options} (conf/{group}/*.yaml)"
     return f"{_first_line(exc)}; model presets: {options}"
+
+
+def _presets(group: str) -> list[str]:
+    return sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(CONF_DIR, group)) if f.endswith(".yaml"))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -25,11 +25,15 @@ from .transformer import DSV4Model
 
 def model_config(preset: str = "debug", overrides: Sequence[str] = ()) -> ModelConfig:
     """The validated ModelConfig of a preset (debug, flash, pro) plus Hydra-style overrides
-    (`"model.hidden_size=128"`; the `model.` prefix may be left out)."""
-    from dsv4.conf.schema import compose_config
+    (`"model.hidden_size=128"`; the `model.` prefix may be left out; other groups' keys, such as
+    `data.seq_length=4096`, take part in the validation)."""
+    from dsv4.conf.schema import _GROUPS, compose_config
 
-    overrides = [o if o.startswith(("model.", "+", "~", "seq_length")) else f"model.{o}" for o in overrides]
-    return compose_config(preset, overrides).model
+    def qualified(o: str) -> str:
+        return o if o.lstrip("+~").split(".")[0].split("=")[0] in _GROUPS else f"model.{o}"
+
+    # A model config does not depend on the launch: check the layout for one rank, not $WORLD_SIZE.
+    return compose_config(preset, [qualified(o) for o in overrides], world_size=1).model
 
 
 def build_model(preset: str | ModelConfig = "debug", overrides: Sequence[str] = (), seed: int = 0,

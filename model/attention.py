@@ -158,9 +158,33 @@ class Attention(nn.Module):
         if index_scores is not None and self.training and aux is not None:
             aux.setdefault("indexer", []).append(
                 indexer_kl_loss(probs[..., s:], index_scores, candidates, self.ctx.tp_group))
+        if aux is not None and aux.get("record_stats") and self.indexer is not None and n > 0:
+            aux.setdefault("indexer_recall", []).append(
+                self._indexer_recall(x, q_latent, q, keys, mask[..., :s], visible, index_scores, rope))
 
         out = apply_rope(out.permute(2, 0, 1, 3), cos, sin, inverse=True)  # [s, b, h, D]
         out = out.reshape(s, b, self.n_local_groups, -1)  # [s, b, g, h/g * D]
         wo_a = self.wo_a.view(self.n_local_groups, self.o_lora_rank, -1)
         out = torch.einsum("sbgi,gri->sbgr", out, wo_a).flatten(2)  # [s, b, g * o_lora_rank]
         return self.wo_b(out)
+
+    @torch.no_grad()
+    def _indexer_recall(self, x, q_latent, q, keys, window_mask, visible, index_scores, rope) -> torch.Tensor:
+        """How many of the entries dense attention weighs most the indexer picks: |top-k(I) & top-k(p)| / k, over
+        queries with more than k visible entries (p: dense attention on the compressed entries, summed over heads).
+        """
+        s, b = x.shape[:2]
+        dense_mask = torch.cat([window_mask.expand(b, s, s), visible.expand(b, -1, -1)], dim=-1)
+        _, probs = sink_attention(q, keys.transpose(0, 1), dense_mask, self.attn_sink, self.scale)
+        teacher = probs[..., s:].sum(dim=1)  # [b, s, T]
+        if self.ctx.tp_size > 1:
+            dist.all_reduce(teacher, group=self.ctx.tp_group)
+        if index_scores is None:
+            index_scores = self.indexer(x, q_latent, rope)
+        picked = select_topk(index_scores, visible, self.index_topk)
+        best = select_topk(teacher, visible, self.index_topk)
+        counted = visible.sum(-1) > self.index_topk  # [s]
+        if not counted.any():
+            return torch.ones((), device=x.device)
+        hits = (picked & best).sum(-1).float() / self.index_topk  # [b, s]
+        return hits[:, counted].mean()

@@ -40,9 +40,14 @@ class Block(nn.Module):
         pre, post, res = self.attn_hc.weights(streams)
         out = self.attn(self.attn_norm(self.attn_hc.collapse(streams, pre)), rope, aux)
         streams = self.attn_hc.expand(out, streams, post, res)
+        record = aux is not None and aux.get("record_stats")
+        if record:
+            aux.setdefault("mhc_res", []).append(res.detach().mean(dim=(0, 1)))
 
         pre, post, res = self.ffn_hc.weights(streams)
         out = self.ffn(self.ffn_norm(self.ffn_hc.collapse(streams, pre)), token_ids, aux)
+        if record:
+            aux.setdefault("mhc_res", []).append(res.detach().mean(dim=(0, 1)))
         return self.ffn_hc.expand(out, streams, post, res)
 
 

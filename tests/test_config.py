@@ -1,20 +1,65 @@
-"""Config: the Hydra presets compose and validate, overrides and typos behave, and every check in
-`ModelConfig.validate` fires with a message naming the offending key."""
+"""Config: the Hydra presets of every group compose and validate, overrides and typos behave, and every check in
+`ModelConfig.validate`, in each group's `validate()` (conf/groups.py) and in `DSV4Config.validate` fires with a
+message that starts with the offending key."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
+import shutil
+from typing import Any
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
-from dsv4.conf.schema import CONF_DIR, DSV4Config, compose_config, register_configs
+from dsv4.conf import schema
+from dsv4.conf.groups import ClusterConfig, DataConfig, OptimConfig, ParallelConfig, PrecisionConfig, RunConfig
+from dsv4.conf.schema import _GROUPS, CONF_DIR, DSV4Config, compose_config, register_configs
 from dsv4.model.config import ConfigError, ModelConfig
+
+GROUP_PRESETS = {"model": ["debug", "flash", "pro"], "parallel": ["single"], "optim": ["adamw"], "data": ["embedded"],
+                 "precision": ["bf16", "fp32"], "run": ["default"], "cluster": ["local"]}
+"""Every preset shipped in conf/<group>/ (the test below checks this list against the folders)."""
+
+FULL_SIZE_OVERRIDES = {"flash": ["data.seq_length=4096"], "pro": ["data.seq_length=4096"]}
+"""Flash/Pro keep index_topk=512/1024 entries, which need >= 2048/4096 tokens at csa_ratio 4."""
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_world_size(monkeypatch):
+    """compose_config validates with $WORLD_SIZE; a test run under torchrun must not see its launcher's value."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+
+@pytest.fixture(scope="module")
+def base() -> DSV4Config:
+    """The default composition (debug model, every group's default preset), composed once; copy before mutating."""
+    return compose_config()
 
 
 def kinds(cfg: ModelConfig) -> list[str]:
     """Attention kind of each block, MTP blocks last."""
     return [cfg.layer_kind(i) for i in range(cfg.num_layers + cfg.mtp_depth)]
+
+
+def changed(cfg: DSV4Config, **values: Any) -> DSV4Config:
+    """A deep copy of `cfg` with `group__key=value` fields set (no validation: that is what the tests call)."""
+    cfg = copy.deepcopy(cfg)
+    for dotted, value in values.items():
+        group, key = dotted.split("__")
+        node = getattr(cfg, group)
+        assert key in {f.name for f in dataclasses.fields(node)}, f"{group}.{key} is not a field"
+        setattr(node, key, value)
+    return cfg
+
+
+def assert_invalid(cfg: DSV4Config, key: str, match: str | None = None, world_size: int | None = 1) -> None:
+    """`cfg.validate(world_size)` raises a ConfigError whose message starts with `key:` and matches `match`."""
+    with pytest.raises(ConfigError, match=match) as e:
+        cfg.validate(world_size=world_size)
+    assert str(e.value).startswith(f"{key}:"), str(e.value)
 
 
 # --- presets ----------------------------------------------------------------------------------------------------
@@ -24,16 +69,16 @@ def test_debug_is_the_default_and_has_every_component():
     cfg = compose_config()
     assert isinstance(cfg, DSV4Config) and isinstance(cfg.model, ModelConfig)
     m = cfg.model
-    assert (m.hidden_size, m.num_layers, cfg.seq_length) == (64, 6, 256)
+    assert (m.hidden_size, m.num_layers, cfg.data.seq_length) == (64, 6, 256)
     assert kinds(m) == ["swa", "swa", "csa", "hca", "csa", "hca", "swa"]
     assert 0 < m.num_hash_layers < m.num_layers  # both hash- and score-routed MoE blocks
     assert m.mtp_depth == 1 and m.hc_mult > 1
     assert m.index_topk < 128 // m.csa_ratio  # the top-k selects even at 128 tokens
-    compose_config(overrides=["seq_length=128"])  # the shortest sequence the preset is meant for
+    compose_config(overrides=["data.seq_length=128"])  # the shortest sequence the preset is meant for
 
 
 def test_flash_preset_is_the_released_config():
-    m = compose_config("flash", ["seq_length=4096"]).model
+    m = compose_config("flash", ["data.seq_length=4096"]).model
     assert (m.num_layers, m.hidden_size, m.num_heads, m.head_dim, m.q_lora_rank) == (43, 4096, 64, 512, 1024)
     assert (m.o_groups, m.o_lora_rank, m.index_topk) == (8, 1024, 512)
     assert (m.n_routed_experts, m.n_activated_experts, m.moe_intermediate_size) == (256, 6, 2048)
@@ -45,7 +90,7 @@ def test_flash_preset_is_the_released_config():
 
 
 def test_pro_preset_is_the_released_config():
-    m = compose_config("pro", ["seq_length=4096"]).model
+    m = compose_config("pro", ["data.seq_length=4096"]).model
     assert (m.num_layers, m.hidden_size, m.num_heads, m.q_lora_rank, m.o_groups) == (61, 7168, 128, 1536, 16)
     assert (m.index_topk, m.n_routed_experts, m.moe_intermediate_size) == (1024, 384, 3072)
     assert m.routed_scaling_factor == 2.5
@@ -57,7 +102,7 @@ def test_pro_preset_is_the_released_config():
 
 def test_flash_preset_matches_the_schema_defaults():
     # ModelConfig's defaults are documented as V4-Flash's; the two must not drift apart.
-    assert compose_config("flash", ["seq_length=4096"]).model == ModelConfig()
+    assert compose_config("flash", ["data.seq_length=4096"]).model == ModelConfig()
 
 
 @pytest.mark.parametrize("preset", ["debug", "flash", "pro"])
@@ -66,6 +111,70 @@ def test_presets_state_values_only_and_name_their_schema(preset):
         raw = yaml.safe_load(f)
     assert raw.pop("defaults") == ["model_schema", "_self_"]
     assert set(raw) <= set(ModelConfig.__dataclass_fields__)
+
+
+def test_every_group_has_a_schema_a_field_and_its_presets():
+    assert [f.name for f in dataclasses.fields(DSV4Config)] == list(_GROUPS)
+    assert {f.name: f.type for f in dataclasses.fields(DSV4Config)} == {g: t.__name__ for g, t in _GROUPS.items()}
+    for group, presets in GROUP_PRESETS.items():
+        found = sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, group)) if f.endswith(".yaml"))
+        assert found == presets, group
+    with open(os.path.join(CONF_DIR, "config.yaml")) as f:
+        defaults = yaml.safe_load(f)["defaults"]
+    assert defaults[:2] == ["dsv4_schema", "_self_"]
+    assert {g: p for d in defaults[2:] for g, p in d.items()} == {
+        "model": "debug", "parallel": "single", "optim": "adamw", "data": "embedded", "precision": "fp32",
+        "run": "default", "cluster": "local"}
+
+
+PRESET_FILES = [(g, p) for g, presets in GROUP_PRESETS.items() for p in presets]
+
+
+@pytest.mark.parametrize("group, preset", PRESET_FILES)
+def test_group_presets_state_values_only_and_name_their_schema(group, preset):
+    with open(os.path.join(CONF_DIR, group, f"{preset}.yaml")) as f:
+        raw = yaml.safe_load(f)
+    assert raw.pop("defaults") == [f"{group}_schema", "_self_"]
+    assert raw, "a preset with no values"
+    unknown = set(raw) - {f.name for f in dataclasses.fields(_GROUPS[group])}
+    assert not unknown, f"conf/{group}/{preset}.yaml states keys its schema lacks: {unknown}"
+
+
+@pytest.mark.parametrize("group, preset", PRESET_FILES)
+def test_every_preset_composes_and_the_config_holds_its_values(group, preset):
+    if group == "model":
+        cfg = compose_config(preset, FULL_SIZE_OVERRIDES.get(preset, []))
+    else:
+        cfg = compose_config(overrides=[f"{group}={preset}"])
+    assert isinstance(cfg, DSV4Config) and isinstance(getattr(cfg, group), _GROUPS[group])
+    values = OmegaConf.to_container(OmegaConf.load(os.path.join(CONF_DIR, group, f"{preset}.yaml")), resolve=False)
+    values.pop("defaults")
+    node = getattr(cfg, group)
+    for key, value in values.items():
+        if isinstance(value, str) and "${" in value:  # an interpolation: resolved at composition
+            assert "${" not in getattr(node, key), key
+            continue
+        assert getattr(node, key) == value, f"{group}.{key}"
+        assert isinstance(getattr(node, key), type(_GROUPS[group].__dataclass_fields__[key].default)
+                          if not isinstance(value, list) else list), f"{group}.{key}: not converted to its type"
+
+
+def test_the_default_composition_holds_each_groups_default_preset(base):
+    assert base.parallel == ParallelConfig(tensor_parallel=1)
+    assert (base.optim.name, base.optim.lr, base.optim.min_lr, base.optim.schedule, base.optim.warmup_steps) == (
+        "adamw", 3e-3, 3e-4, "cosine", 20)
+    assert (base.data.prefixes, base.data.seq_length, base.data.micro_batch_size, base.data.global_batch_size,
+            base.data.split) == ([], 256, 4, 4, "98,2,0")
+    assert base.precision == PrecisionConfig(params_dtype="float32")
+    assert (base.run.steps, base.run.seed, base.run.on_nan, base.run.progress_bar) == (300, 1234, "skip", True)
+    assert base.run.output_dir.startswith("runs/") and "${" not in base.run.output_dir
+    assert base.cluster == ClusterConfig(kind="local")
+    assert all(isinstance(getattr(base, g), t) for g, t in _GROUPS.items())
+
+
+def test_precision_preset_selects_bf16():
+    assert compose_config(overrides=["precision=bf16"]).precision.params_dtype == "bfloat16"
+    assert compose_config(overrides=["precision=fp32"]).precision.params_dtype == "float32"
 
 
 def test_register_configs_is_idempotent():
@@ -79,14 +188,67 @@ def test_register_configs_is_idempotent():
 
 def test_command_line_overrides():
     cfg = compose_config("debug", ["model.hidden_size=128", "model.compress_ratios=[0,4,16,4,16,0,0]",
-                                   "seq_length=512"])
-    assert cfg.model.hidden_size == 128 and cfg.seq_length == 512
+                                   "data.seq_length=512"])
+    assert cfg.model.hidden_size == 128 and cfg.data.seq_length == 512
     assert cfg.model.compress_ratios == [0, 4, 16, 4, 16, 0, 0]
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["optim.lr=1e-3", "optim.min_lr=1e-4", "optim.schedule=wsd", "optim.decay_fraction=0.5", "optim.beta2=0.99"],
+     {"optim": OptimConfig(lr=1e-3, min_lr=1e-4, schedule="wsd", warmup_steps=20, decay_fraction=0.5, beta2=0.99)}),
+    (["optim.lr=1"], {"optim.lr": 1.0}),  # an int on the command line becomes the float field's value
+    (["run.steps=5", "optim.warmup_steps=2", "run.seed=7", "run.on_nan=stop", "run.progress_bar=false",
+      "run.output_dir=/tmp/dsv4-run", "run.eval_interval=0"],
+     {"run.steps": 5, "optim.warmup_steps": 2, "run.seed": 7, "run.on_nan": "stop", "run.progress_bar": False,
+      "run.output_dir": "/tmp/dsv4-run", "run.eval_interval": 0}),
+    (["data.micro_batch_size=2", "data.global_batch_size=8", "data.seq_length=128"],
+     {"data.micro_batch_size": 2, "data.global_batch_size": 8, "data.seq_length": 128}),
+    (["data.prefixes=[/d/web,/d/code]", "data.weights=[0.7,0.3]", "data.tokenizer=/d/tokenizer.json",
+      "data.cache_dir=/tmp/cache"],
+     {"data.prefixes": ["/d/web", "/d/code"], "data.weights": [0.7, 0.3], "data.tokenizer": "/d/tokenizer.json",
+      "data.cache_dir": "/tmp/cache"}),
+    (["data.split='90,10,0'"], {"data.split": "90,10,0"}),  # quoted: an unquoted a,b,c is a Hydra sweep
+    (["precision=bf16"], {"precision.params_dtype": "bfloat16"}),
+    (["precision.params_dtype=bfloat16"], {"precision.params_dtype": "bfloat16"}),
+    (["parallel=single", "parallel.tensor_parallel=1"], {"parallel.tensor_parallel": 1}),
+    (["cluster=local", "cluster.kind=local"], {"cluster.kind": "local"}),
+])
+def test_command_line_overrides_of_each_group(overrides, expected):
+    cfg = compose_config(overrides=overrides)
+    for where, value in expected.items():
+        group, _, key = where.partition(".")
+        got = getattr(getattr(cfg, group), key) if key else getattr(cfg, group)
+        assert got == value and type(got) is type(value), where
+
+
+def test_tensor_parallel_override_uses_the_world_size_from_the_environment(monkeypatch):
+    with pytest.raises(ConfigError, match="parallel.tensor_parallel: 2 does not divide the 1 ranks"):
+        compose_config(overrides=["parallel.tensor_parallel=2"])  # no $WORLD_SIZE: one rank
+    monkeypatch.setenv("WORLD_SIZE", "4")  # tp 2 x dp 2: 4 x 2 sequences per micro-step
+    cfg = compose_config(overrides=["parallel.tensor_parallel=2", "data.global_batch_size=8"])
+    assert cfg.parallel.tensor_parallel == 2
+    with pytest.raises(ConfigError, match=r"data.global_batch_size: 4 is not a multiple .* = 8"):
+        compose_config(overrides=["parallel.tensor_parallel=2"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("parallel.tensor_parallel=0", "parallel.tensor_parallel"),
+    ("optim.lr=0", "optim.lr"),
+    ("data.micro_batch_size=0", "data.micro_batch_size"),
+    ("precision.params_dtype=float16", "precision.params_dtype"),
+    ("run.steps=0", "run.steps"),
+    ("cluster.kind=slurm", "cluster.kind"),
+    ("optim.warmup_steps=300", "optim.warmup_steps"),  # a cross-group check
+])
+def test_compose_config_runs_every_groups_validation(override, key):
+    with pytest.raises(ConfigError) as e:
+        compose_config(overrides=[override])
+    assert str(e.value).startswith(f"{key}:"), str(e.value)
 
 
 def test_flash_at_its_first_stage_length_with_a_shrunk_depth():
     m = compose_config("flash", ["model.num_layers=3", "model.compress_ratios=[0,4,128,0]",
-                                 "seq_length=4096"]).model
+                                 "data.seq_length=4096"]).model
     assert kinds(m) == ["swa", "csa", "hca", "swa"]
 
 
@@ -94,12 +256,33 @@ def test_flash_at_its_first_stage_length_with_a_shrunk_depth():
     ("model.hiden_size=128", "model.hiden_size", "hidden_size"),
     ("+model.hiden_size=128", "model.hiden_size", "hidden_size"),  # force-added keys must not be dropped silently
     ("model.not_a_field=1", "model.not_a_field", "no such key"),
-    ("seq_len=512", "seq_len", "seq_length"),
+    ("data.seq_len=512", "data.seq_len", "seq_length"),
+    ("seq_length=512", "seq_length", "no such key"),  # the old top-level key: now data.seq_length
+    ("+seq_length=512", "seq_length", "no such key"),
+    ("parallel.tensor_paralel=2", "parallel.tensor_paralel", "tensor_parallel"),
+    ("optim.lrr=1e-3", "optim.lrr", "'lr'"),
+    ("+optim.lrr=1e-3", "optim.lrr", "'lr'"),
+    ("optim.warmup=10", "optim.warmup", "warmup_steps"),
+    ("data.micro_batch=2", "data.micro_batch", "micro_batch_size"),
+    ("+data.weight=[1]", "data.weight", "weights"),
+    ("precision.param_dtype=bfloat16", "precision.param_dtype", "params_dtype"),
+    ("run.step=5", "run.step", "steps"),
+    ("+run.step=5", "run.step", "steps"),
+    ("cluster.knd=local", "cluster.knd", "kind"),
+    ("optimizer.lr=1e-3", "optimizer", "'optim'"),
 ])
 def test_unknown_key_fails_naming_it(override, key, hint):
     with pytest.raises(ConfigError, match="no such key") as e:
         compose_config(overrides=[override])
-    assert str(e.value).startswith(f"{key}:") and hint in str(e.value)
+    assert str(e.value).startswith(f"{key}:") and hint in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("override, group", [("optim.lrr=1", "optim"), ("model.hiden_size=1", "model")])
+def test_unknown_key_points_at_the_schema_listing_the_keys(override, group):
+    with pytest.raises(ConfigError) as e:
+        compose_config(overrides=[override])
+    schema_cls = _GROUPS[group]
+    assert f"{schema_cls.__module__}.{schema_cls.__qualname__}" in str(e.value)
 
 
 @pytest.mark.parametrize("override, key, expected", [
@@ -107,17 +290,49 @@ def test_unknown_key_fails_naming_it(override, key, hint):
     ("model.yarn_factor=fast", "model.yarn_factor", "float"),
     ("model.quant_sim=maybe", "model.quant_sim", "bool"),
     ("model.compress_ratios=[0,0,4,x,4,16,0]", "model.compress_ratios[3]", "int"),
-    ("seq_length=1.5", "seq_length", "int"),
+    ("data.seq_length=1.5", "data.seq_length", "int"),
+    ("parallel.tensor_parallel=two", "parallel.tensor_parallel", "int"),
+    ("optim.lr=fast", "optim.lr", "float"),
+    ("optim.warmup_steps=1.5", "optim.warmup_steps", "int"),
+    ("data.micro_batch_size=many", "data.micro_batch_size", "int"),
+    ("data.weights=[1,x]", "data.weights[1]", "float"),
+    ("data.prefixes=/d/web", "data.prefixes", "List[str]"),
+    ("data.tokenizer=[a,b]", "data.tokenizer", "Optional[str]"),
+    ("precision.params_dtype=[bf16]", "precision.params_dtype", "str"),
+    ("run.steps=abc", "run.steps", "int"),
+    ("run.progress_bar=maybe", "run.progress_bar", "bool"),
+    ("cluster.kind=[local]", "cluster.kind", "str"),
 ])
 def test_wrong_type_fails_naming_the_key(override, key, expected):
     with pytest.raises(ConfigError) as e:
         compose_config(overrides=[override])
-    assert str(e.value).startswith(f"{key}:") and f"type {expected}" in str(e.value)
+    assert str(e.value).startswith(f"{key}:") and f"type {expected}" in str(e.value), str(e.value)
 
 
 def test_unknown_preset_lists_the_presets():
     with pytest.raises(ConfigError, match=r"model=flsh: no such preset.*'debug', 'flash', 'pro'"):
         compose_config("flsh")
+
+
+@pytest.mark.parametrize("override, listing", [("precision=fp16", "'bf16', 'fp32'"), ("optim=sgd", "'adamw'")])
+def test_unknown_group_preset_lists_that_groups_presets(override, listing):
+    group, name = override.split("=")
+    with pytest.raises(ConfigError) as e:
+        compose_config(overrides=[override])
+    assert str(e.value).startswith(f"{group}={name}: no such preset") and listing in str(e.value), str(e.value)
+    assert f"conf/{group}/*.yaml" in str(e.value)
+
+
+def test_a_preset_with_a_misspelt_key_fails_naming_the_key_and_the_file(tmp_path, monkeypatch):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    with open(conf / "optim" / "adamw.yaml", "a") as f:
+        f.write("\nwarmup: 5\n")
+    monkeypatch.setattr(schema, "CONF_DIR", str(conf))
+    with pytest.raises(ConfigError) as e:
+        compose_config()
+    msg = str(e.value)
+    assert msg.startswith("optim.warmup: no such key") and "warmup_steps" in msg and "conf/optim/adamw.yaml" in msg, msg
 
 
 # --- one test per check in ModelConfig.validate (on the debug preset, seq_length 256) ----------------------------
@@ -213,7 +428,7 @@ def test_fp4_block_divides_the_indexer_head_when_simulating():
 
 
 def test_sequence_within_max_position_embeddings():
-    assert_rejected(["seq_length=8192"], "max_position_embeddings", "sequence length 8192")
+    assert_rejected(["data.seq_length=8192"], "max_position_embeddings", "sequence length 8192")
 
 
 def test_window_within_sequence():
@@ -257,3 +472,303 @@ def test_attention_phase_sparse_from_the_start_by_default():
 def test_attention_phase_warmup_without_dense_phase():
     m = compose_config(overrides=["model.indexer_warmup_steps=3"]).model
     assert [m.attention_phase(s) for s in (0, 2, 3)] == ["indexer_warmup", "indexer_warmup", "sparse"]
+
+
+# --- Flash and Pro at their sequence lengths ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset, topk", [("flash", 512), ("pro", 1024)])
+def test_full_size_presets_validate_at_4096_and_reject_256(preset, topk):
+    cfg = compose_config(preset, ["data.seq_length=4096"])
+    assert cfg.data.seq_length == 4096 and cfg.model.index_topk == topk
+    with pytest.raises(ConfigError, match=f"top-k={topk} exceeds the 64 compressed entries") as e:
+        compose_config(preset)  # data/embedded.yaml's 256 tokens
+    assert str(e.value).startswith("model.index_topk:"), str(e.value)
+
+
+@pytest.mark.parametrize("preset, shortest", [("flash", 2048), ("pro", 4096)])
+def test_full_size_presets_need_index_topk_times_csa_ratio_tokens(preset, shortest):
+    cfg = compose_config(preset, ["data.seq_length=4096"])
+    changed(cfg, data__seq_length=shortest).validate()
+    assert_invalid(changed(cfg, data__seq_length=shortest - cfg.model.csa_ratio), "model.index_topk",
+                   f"{shortest // cfg.model.csa_ratio - 1} compressed entries")
+
+
+# --- one test per check in the groups' validate() (conf/groups.py), on the default composition ---------------------
+
+
+def test_the_default_composition_is_valid(base):
+    assert copy.deepcopy(base).validate(world_size=1) is not None
+    for group in ("parallel", "optim", "data", "precision", "run", "cluster"):
+        getattr(base, group).validate()  # returns None, raises nothing
+    for schema_cls in (ParallelConfig, OptimConfig, DataConfig, PrecisionConfig, RunConfig, ClusterConfig):
+        schema_cls().validate()  # the schema defaults are valid on their own
+
+
+# parallel
+
+
+@pytest.mark.parametrize("value", [0, -2])
+def test_parallel_tensor_parallel_at_least_one(base, value):
+    assert_invalid(changed(base, parallel__tensor_parallel=value), "parallel.tensor_parallel", "must be >= 1")
+
+
+# optim
+
+
+@pytest.mark.parametrize("value", ["muon", "sgd", "AdamW"])
+def test_optim_name_is_a_known_optimizer(base, value):
+    assert_invalid(changed(base, optim__name=value), "optim.name", f"'{value}' is not available; use adamw")
+
+
+@pytest.mark.parametrize("value", ["linear", "cos", ""])
+def test_optim_schedule_is_a_known_schedule(base, value):
+    assert_invalid(changed(base, optim__schedule=value), "optim.schedule", "choose cosine, wsd or constant")
+
+
+@pytest.mark.parametrize("value", [0.0, -1e-3])
+def test_optim_lr_positive(base, value):
+    assert_invalid(changed(base, optim__lr=value), "optim.lr", "must be > 0")
+
+
+@pytest.mark.parametrize("value", [-1e-5, 3.1e-3])  # below 0, above optim.lr=3e-3
+def test_optim_min_lr_between_zero_and_lr(base, value):
+    assert_invalid(changed(base, optim__min_lr=value), "optim.min_lr", r"must be in \[0, optim.lr=0.003\]")
+    changed(base, optim__min_lr=0.0).validate(world_size=1)  # both ends allowed
+    changed(base, optim__min_lr=3e-3).validate(world_size=1)
+
+
+def test_optim_warmup_steps_non_negative(base):
+    assert_invalid(changed(base, optim__warmup_steps=-1), "optim.warmup_steps", "must be >= 0")
+    changed(base, optim__warmup_steps=0).validate(world_size=1)
+
+
+@pytest.mark.parametrize("value", [0.0, -0.1, 1.5])
+def test_optim_decay_fraction_in_zero_one(base, value):
+    assert_invalid(changed(base, optim__decay_fraction=value), "optim.decay_fraction", r"must be in \(0, 1\]")
+    changed(base, optim__decay_fraction=1.0).validate(world_size=1)
+
+
+def test_optim_weight_decay_non_negative(base):
+    assert_invalid(changed(base, optim__weight_decay=-0.1), "optim.weight_decay", "must be >= 0")
+    changed(base, optim__weight_decay=0.0).validate(world_size=1)
+
+
+@pytest.mark.parametrize("value", [1.0, -0.1])
+def test_optim_beta1_in_zero_one(base, value):
+    assert_invalid(changed(base, optim__beta1=value), "optim.beta1", r"must be in \[0, 1\)")
+
+
+@pytest.mark.parametrize("value", [1.0, 1.5, -0.5])
+def test_optim_beta2_in_zero_one(base, value):
+    assert_invalid(changed(base, optim__beta2=value), "optim.beta2", r"must be in \[0, 1\)")
+    changed(base, optim__beta1=0.0, optim__beta2=0.0).validate(world_size=1)
+
+
+@pytest.mark.parametrize("value", [0.0, -1e-8])
+def test_optim_eps_positive(base, value):
+    assert_invalid(changed(base, optim__eps=value), "optim.eps", "must be > 0")
+
+
+def test_optim_grad_clip_non_negative_and_zero_disables(base):
+    assert_invalid(changed(base, optim__grad_clip=-1.0), "optim.grad_clip", r"must be >= 0 \(0 disables")
+    changed(base, optim__grad_clip=0.0).validate(world_size=1)
+
+
+def test_optim_mtp_loss_weight_after_decay_non_negative(base):
+    assert_invalid(changed(base, optim__mtp_loss_weight_after_decay=-0.1), "optim.mtp_loss_weight_after_decay",
+                   "must be >= 0")
+    changed(base, optim__mtp_loss_weight_after_decay=0.0).validate(world_size=1)
+
+
+# data
+
+
+@pytest.mark.parametrize("value", [0, -256])
+def test_data_seq_length_positive(base, value):
+    assert_invalid(changed(base, data__seq_length=value), "data.seq_length", "must be > 0")
+
+
+@pytest.mark.parametrize("value", [0, -1])
+def test_data_micro_batch_size_positive(base, value):
+    assert_invalid(changed(base, data__micro_batch_size=value), "data.micro_batch_size", "must be > 0")
+
+
+@pytest.mark.parametrize("value", [0, -4])
+def test_data_global_batch_size_positive(base, value):
+    assert_invalid(changed(base, data__global_batch_size=value), "data.global_batch_size", "must be > 0")
+
+
+@pytest.mark.parametrize("prefixes, weights, counts", [
+    (["/d/a", "/d/b"], [1.0], "1 weights for 2 prefixes"),
+    (["/d/a"], [0.5, 0.5], "2 weights for 1 prefixes"),
+    ([], [1.0], "1 weights for 0 prefixes"),
+])
+def test_data_one_weight_per_prefix(base, prefixes, weights, counts):
+    assert_invalid(changed(base, data__prefixes=prefixes, data__weights=weights), "data.weights", counts)
+    changed(base, data__prefixes=prefixes, data__weights=[]).validate(world_size=1)  # none: by size
+
+
+@pytest.mark.parametrize("weights", [[1.0, 0.0], [2.0, -1.0]])
+def test_data_weights_positive(base, weights):
+    assert_invalid(changed(base, data__prefixes=["/d/a", "/d/b"], data__weights=weights), "data.weights",
+                   "must all be > 0")
+    changed(base, data__prefixes=["/d/a", "/d/b"], data__weights=[0.25, 3.0]).validate(world_size=1)
+
+
+@pytest.mark.parametrize("split", ["98,2", "98,2,0,0", "98;2;0", "98 2 0", "a,b,c", "98,,0", "", "-1,2,0",
+                                   "98,-2,0", "1.2.3,1,1", "98%,2%,0%"])
+def test_data_split_is_three_non_negative_parts(base, split):
+    assert_invalid(changed(base, data__split=split), "data.split", f"'{split}': give three non-negative parts")
+
+
+@pytest.mark.parametrize("split", ["0,98,2", "0,0,0", "0.0,1,1"])
+def test_data_split_needs_a_train_part(base, split):
+    assert_invalid(changed(base, data__split=split), "data.split", "with train > 0")
+
+
+@pytest.mark.parametrize("split", ["98,2,0", "100,0,0", "1,1,1", " 98, 2, 0", "99.5,0.5,0", "969,30,1"])
+def test_data_split_accepted_formats(base, split):
+    changed(base, data__split=split).validate(world_size=1)
+
+
+# precision
+
+
+@pytest.mark.parametrize("value", ["float16", "bf16", "fp32", "BFLOAT16", "float8"])
+def test_precision_params_dtype_is_a_known_dtype(base, value):
+    assert_invalid(changed(base, precision__params_dtype=value), "precision.params_dtype",
+                   f"'{value}': choose float32 or bfloat16")
+    changed(base, precision__params_dtype="bfloat16").validate(world_size=1)
+
+
+# run
+
+
+@pytest.mark.parametrize("value", [0, -5])
+def test_run_steps_positive(base, value):
+    assert_invalid(changed(base, run__steps=value), "run.steps", "must be > 0")
+
+
+def test_run_log_interval_positive(base):
+    assert_invalid(changed(base, run__log_interval=0), "run.log_interval", "must be > 0")
+
+
+def test_run_eval_interval_non_negative_and_zero_disables(base):
+    assert_invalid(changed(base, run__eval_interval=-1), "run.eval_interval", r"must be >= 0 \(0 disables\)")
+    changed(base, run__eval_interval=0).validate(world_size=1)
+
+
+def test_run_eval_iters_positive(base):
+    assert_invalid(changed(base, run__eval_iters=0), "run.eval_iters", "must be > 0")
+
+
+@pytest.mark.parametrize("value", ["ignore", "raise", "SKIP"])
+def test_run_on_nan_is_skip_or_stop(base, value):
+    assert_invalid(changed(base, run__on_nan=value), "run.on_nan", f"'{value}': choose skip or stop")
+    changed(base, run__on_nan="stop").validate(world_size=1)
+
+
+def test_run_max_skipped_steps_positive(base):
+    assert_invalid(changed(base, run__max_skipped_steps=0), "run.max_skipped_steps", "must be > 0")
+
+
+# cluster
+
+
+@pytest.mark.parametrize("value", ["slurm", "k8s", ""])
+def test_cluster_kind_is_local(base, value):
+    assert_invalid(changed(base, cluster__kind=value), "cluster.kind", f"'{value}': only local is available")
+
+
+# --- one test per check in DSV4Config.validate (across groups) -------------------------------------------------------
+
+
+def test_model_is_validated_at_data_seq_length(base):
+    # The sequence-dependent model checks see data.seq_length: index_topk 8 needs 8 * csa_ratio 4 = 32 tokens.
+    changed(base, data__seq_length=32).validate(world_size=1)
+    assert_invalid(changed(base, data__seq_length=31), "model.sliding_window", r"longer than the sequence \(31\)")
+    assert_invalid(changed(base, model__sliding_window=16, data__seq_length=31), "model.index_topk",
+                   "exceeds the 7 compressed entries a 31-token sequence")
+
+
+def test_groups_are_validated_before_the_model(base):
+    # A bad group value is reported even when the model would fail too (seq_length 0 would break the model checks).
+    assert_invalid(changed(base, data__seq_length=0, model__num_layers=0), "data.seq_length")
+
+
+def test_tensor_parallel_divides_num_heads(base):  # debug: 4 heads, 2 output groups, 4 indexer heads, vocab 1024
+    assert_invalid(changed(base, parallel__tensor_parallel=3), "model.num_heads",
+                   "4 is not divisible by parallel.tensor_parallel=3", world_size=3)
+
+
+def test_tensor_parallel_divides_o_groups(base):
+    assert_invalid(changed(base, parallel__tensor_parallel=4), "model.o_groups",
+                   "2 is not divisible by parallel.tensor_parallel=4", world_size=4)
+
+
+def test_tensor_parallel_divides_index_n_heads(base):
+    cfg = changed(base, parallel__tensor_parallel=4, model__o_groups=4, model__index_n_heads=2)
+    assert_invalid(cfg, "model.index_n_heads", "2 is not divisible by parallel.tensor_parallel=4", world_size=4)
+
+
+def test_tensor_parallel_divides_vocab_size(base):
+    assert_invalid(changed(base, parallel__tensor_parallel=2, model__vocab_size=1025), "model.vocab_size",
+                   "1025 is not divisible by parallel.tensor_parallel=2", world_size=2)
+
+
+def test_tensor_parallel_of_two_and_four_fit_the_debug_model(base):
+    changed(base, parallel__tensor_parallel=2).validate(world_size=2)
+    changed(base, parallel__tensor_parallel=2, data__global_batch_size=8).validate(world_size=4)
+
+
+@pytest.mark.parametrize("tp, world", [(2, 3), (2, 1), (4, 2), (4, 6)])
+def test_tensor_parallel_divides_the_world_size(base, tp, world):
+    cfg = changed(base, parallel__tensor_parallel=tp, model__o_groups=4)
+    assert_invalid(cfg, "parallel.tensor_parallel", f"{tp} does not divide the {world} ranks", world_size=world)
+
+
+def test_world_size_from_the_environment(base, monkeypatch):
+    cfg = changed(base, parallel__tensor_parallel=2)
+    assert_invalid(cfg, "parallel.tensor_parallel", "does not divide the 1 ranks", world_size=None)  # unset: 1
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match="parallel.tensor_parallel: 2 does not divide the 3 ranks"):
+        cfg.validate()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg.validate()
+    assert_invalid(cfg, "parallel.tensor_parallel", "does not divide the 3 ranks", world_size=3)  # explicit wins
+
+
+@pytest.mark.parametrize("world", [0, -1])
+def test_world_size_at_least_one(base, world):
+    assert_invalid(copy.deepcopy(base), "parallel.tensor_parallel", f"cannot lay out {world} ranks", world_size=world)
+
+
+def test_global_batch_is_a_multiple_of_micro_batch_times_data_parallel_ranks(base):
+    # world 4, tp 2 -> dp 2; micro 4 -> 8 sequences per micro-step over all ranks.
+    cfg = changed(base, parallel__tensor_parallel=2)
+    assert_invalid(cfg, "data.global_batch_size",
+                   r"4 is not a multiple of data.micro_batch_size=4 x 2 data-parallel ranks = 8; use a multiple of 8",
+                   world_size=4)
+    assert_invalid(changed(cfg, data__global_batch_size=12), "data.global_batch_size", "= 8", world_size=4)
+    for global_batch in (8, 16, 64):  # 16, 64: gradient accumulation over 2, 8 micro-steps
+        changed(cfg, data__global_batch_size=global_batch).validate(world_size=4)
+    # One rank: only the micro batch counts.
+    assert_invalid(changed(base, data__global_batch_size=6), "data.global_batch_size", "= 4")
+    changed(base, data__micro_batch_size=3, data__global_batch_size=6).validate(world_size=1)
+    # Eight ranks, tp 1 -> dp 8.
+    assert_invalid(changed(base, data__global_batch_size=16), "data.global_batch_size", "x 8 data-parallel ranks = 32",
+                   world_size=8)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+@pytest.mark.parametrize("warmup, steps", [(20, 20), (21, 20), (300, 300)])
+def test_warmup_shorter_than_the_run_for_decaying_schedules(base, schedule, warmup, steps):
+    cfg = changed(base, optim__schedule=schedule, optim__warmup_steps=warmup, run__steps=steps)
+    assert_invalid(cfg, "optim.warmup_steps", f"{warmup} warm-up steps leave no decay in run.steps={steps}")
+    changed(cfg, run__steps=warmup + 1).validate(world_size=1)
+
+
+@pytest.mark.parametrize("warmup, steps", [(20, 20), (50, 20)])
+def test_warmup_may_cover_the_run_with_a_constant_schedule(base, warmup, steps):
+    changed(base, optim__schedule="constant", optim__warmup_steps=warmup, run__steps=steps).validate(world_size=1)

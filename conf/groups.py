@@ -1,0 +1,165 @@
+"""Typed schemas of the config groups besides `model` (whose schema is dsv4.model.config.ModelConfig).
+
+Each group is a dataclass with a documented field per knob and a `validate()` that rejects impossible values with
+a message naming the key and the fix; cross-group checks live in `DSV4Config.validate` (conf/schema.py). Presets in
+conf/<group>/*.yaml hold values only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from dsv4.model.config import ConfigError
+
+
+def _need(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+@dataclass
+class ParallelConfig:
+    """How ranks are laid out. Only a single rank today; the parallelism issue adds tp/pp/ep layouts."""
+
+    tensor_parallel: int = 1
+    """Tensor-parallel size (query heads, indexer heads, output groups and vocabulary split)."""
+
+    def validate(self) -> None:
+        _need(self.tensor_parallel >= 1, "parallel.tensor_parallel", f"must be >= 1, got {self.tensor_parallel}")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule (AdamW until the Muon issue)."""
+
+    name: str = "adamw"
+    """Optimizer: adamw."""
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of the decay (V4: peak / 10)."""
+    schedule: str = "cosine"
+    """cosine: linear warm-up then cosine decay to min_lr; wsd: warm-up, stable, then linear decay over the last
+    decay_fraction of the steps; constant: warm-up then flat."""
+    warmup_steps: int = 10
+    """Linear warm-up steps from 0 to lr."""
+    decay_fraction: float = 0.2
+    """wsd only: fraction of run.steps spent decaying."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on matrices (not on norms, biases, mHC scales/biases, sinks, position biases)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    mtp_loss_weight_after_decay: float = 0.1
+    """V4 lowers the MTP loss weight from model.mtp_loss_weight to this once the LR decay starts."""
+
+    def validate(self) -> None:
+        _need(self.name == "adamw", "optim.name", f"{self.name!r} is not available; use adamw (Muon lands later)")
+        _need(self.schedule in ("cosine", "wsd", "constant"), "optim.schedule",
+              f"{self.schedule!r}: choose cosine, wsd or constant")
+        _need(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _need(0 <= self.min_lr <= self.lr, "optim.min_lr", f"must be in [0, optim.lr={self.lr}], got {self.min_lr}")
+        _need(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _need(0 < self.decay_fraction <= 1, "optim.decay_fraction", f"must be in (0, 1], got {self.decay_fraction}")
+        _need(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _need(0 <= self.beta1 < 1, "optim.beta1", f"must be in [0, 1), got {self.beta1}")
+        _need(0 <= self.beta2 < 1, "optim.beta2", f"must be in [0, 1), got {self.beta2}")
+        _need(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
+        _need(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables clipping), got {self.grad_clip}")
+        _need(self.mtp_loss_weight_after_decay >= 0, "optim.mtp_loss_weight_after_decay", "must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    """Training data: megatron-core indexed datasets (`dsv4-preprocess` writes them), or the embedded corpus."""
+
+    prefixes: List[str] = field(default_factory=list)
+    """Dataset path prefixes (`<prefix>.bin/.idx`); empty: the embedded corpus, built once and cached."""
+    weights: List[float] = field(default_factory=list)
+    """Blend weights, one per prefix (empty: proportional to size)."""
+    tokenizer: Optional[str] = None
+    """A tokenizer.json; default: the one `dsv4-preprocess` stored beside the first prefix."""
+    cache_dir: str = "~/.cache/dsv4"
+    """Where the embedded corpus and dataset index caches are kept."""
+    seq_length: int = 256
+    """Tokens per training sequence."""
+    micro_batch_size: int = 2
+    """Sequences per forward/backward on one data-parallel rank."""
+    global_batch_size: int = 2
+    """Sequences per optimizer step over all data-parallel ranks (a multiple of micro_batch_size * dp size:
+    the remainder is gradient accumulation)."""
+    split: str = "98,2,0"
+    """Train/valid/test split of each dataset's documents, in parts."""
+
+    def validate(self) -> None:
+        _need(self.seq_length > 0, "data.seq_length", f"must be > 0, got {self.seq_length}")
+        _need(self.micro_batch_size > 0, "data.micro_batch_size", f"must be > 0, got {self.micro_batch_size}")
+        _need(self.global_batch_size > 0, "data.global_batch_size", f"must be > 0, got {self.global_batch_size}")
+        _need(not self.weights or len(self.weights) == len(self.prefixes), "data.weights",
+              f"{len(self.weights)} weights for {len(self.prefixes)} prefixes; give one per prefix or none")
+        _need(all(w > 0 for w in self.weights), "data.weights", f"must all be > 0, got {self.weights}")
+        parts = self.split.split(",")
+        ok = len(parts) == 3 and all(p.strip().replace(".", "", 1).isdigit() for p in parts)
+        _need(ok and float(parts[0]) > 0, "data.split",
+              f"{self.split!r}: give three non-negative parts 'train,valid,test' with train > 0, e.g. '98,2,0'")
+
+
+@dataclass
+class PrecisionConfig:
+    """Numeric formats."""
+
+    params_dtype: str = "float32"
+    """Parameter dtype: float32 or bfloat16 (norms, mHC, sinks, router and compressors stay fp32)."""
+
+    def validate(self) -> None:
+        _need(self.params_dtype in ("float32", "bfloat16"), "precision.params_dtype",
+              f"{self.params_dtype!r}: choose float32 or bfloat16")
+
+
+@dataclass
+class RunConfig:
+    """One training run: where it writes, how long, how often it logs and evaluates."""
+
+    output_dir: str = "runs/${now:%Y-%m-%d_%H-%M-%S}"
+    """Run folder: resolved config, versions, TensorBoard events."""
+    steps: int = 300
+    """Optimizer steps."""
+    seed: int = 1234
+    """Seed of model init and data order."""
+    log_interval: int = 10
+    """Steps between TensorBoard/progress updates."""
+    eval_interval: int = 100
+    """Steps between validation passes (0 disables)."""
+    eval_iters: int = 4
+    """Micro-batches per validation pass."""
+    on_nan: str = "skip"
+    """A non-finite loss: skip the step (no update) or stop the run with a message."""
+    max_skipped_steps: int = 10
+    """on_nan=skip: stop after this many consecutive skipped steps."""
+    progress_bar: bool = True
+    """A rank-0 progress bar with ETA and the current loss (plain lines when not on a terminal)."""
+
+    def validate(self) -> None:
+        _need(self.steps > 0, "run.steps", f"must be > 0, got {self.steps}")
+        _need(self.log_interval > 0, "run.log_interval", f"must be > 0, got {self.log_interval}")
+        _need(self.eval_interval >= 0, "run.eval_interval", f"must be >= 0 (0 disables), got {self.eval_interval}")
+        _need(self.eval_iters > 0, "run.eval_iters", f"must be > 0, got {self.eval_iters}")
+        _need(self.on_nan in ("skip", "stop"), "run.on_nan", f"{self.on_nan!r}: choose skip or stop")
+        _need(self.max_skipped_steps > 0, "run.max_skipped_steps", f"must be > 0, got {self.max_skipped_steps}")
+
+
+@dataclass
+class ClusterConfig:
+    """Where the job runs: local (one machine, torchrun or a single process). SLURM lands later."""
+
+    kind: str = "local"
+    """local."""
+
+    def validate(self) -> None:
+        _need(self.kind == "local", "cluster.kind", f"{self.kind!r}: only local is available (SLURM lands later)")
