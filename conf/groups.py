@@ -96,6 +96,9 @@ class DataConfig:
     the remainder is gradient accumulation)."""
     split: str = "98,2,0"
     """Train/valid/test split of each dataset's documents, in parts."""
+    document_mask: bool = False
+    """Sample-level attention masking across the documents packed into a sequence (V4 trains with it): a token
+    attends only to its own document; compressed entries pool one document's tokens."""
 
     def validate(self) -> None:
         _need(self.seq_length > 0, "data.seq_length", f"must be > 0, got {self.seq_length}")

@@ -25,7 +25,7 @@ from dsv4.parallel.layers import (ColumnLinear, LayerContext, RowLinear, divide,
                                   sharded_parameter)
 from dsv4.parallel.mappings import sum_gradients_over
 
-from .compressor import Compressor, LightningIndexer, compressed_visibility, select_topk
+from .compressor import Compressor, LightningIndexer, compressed_visibility, same_document_entries, select_topk
 from .config import ModelConfig
 from .norm import RMSNorm, rms_normalize
 from .quant import simulate_kv_fp8
@@ -118,8 +118,12 @@ class Attention(nn.Module):
             cfg, ctx, self.ratio, cfg.head_dim, overlap=self.kind == "csa")
         self.indexer = LightningIndexer(cfg, ctx) if self.kind == "csa" else None
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, aux: dict | None = None) -> torch.Tensor:
-        """x [s, b, d] -> [s, b, d]. Adds the indexer loss to `aux['indexer']` when this layer trains it."""
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, aux: dict | None = None,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x [s, b, d] -> [s, b, d]. Adds the indexer loss to `aux['indexer']` when this layer trains it.
+
+        doc_ids [s, b]: sample-level masking of packed documents: a query sees only its own document's window
+        tokens and compressed entries."""
         s, b, _ = x.shape
         positions = torch.arange(s, device=x.device)
         cos, sin = rope(positions, self.rope_type)
@@ -133,17 +137,21 @@ class Attention(nn.Module):
 
         keys = kv
         mask = sliding_window_mask(s, self.window, x.device).unsqueeze(0)  # [1, s, s]
+        if doc_ids is not None:
+            mask = mask & (doc_ids.t().unsqueeze(2) == doc_ids.t().unsqueeze(1))  # [b, s, s]
         index_scores = candidates = None
         if self.compressor is not None:
-            compressed = self.compressor(x, rope)  # [T, b, D]
+            compressed = self.compressor(x, rope, doc_ids)  # [T, b, D]
             n = compressed.shape[0]
-            visible = compressed_visibility(s, n, self.ratio, x.device)  # [s, T]
-            comp_mask = visible.unsqueeze(0).expand(b, s, n)
+            visible = compressed_visibility(s, n, self.ratio, x.device).unsqueeze(0)  # [1, s, T]
+            if doc_ids is not None:
+                visible = visible & same_document_entries(doc_ids, n, self.ratio)  # [b, s, T]
+            comp_mask = visible.expand(b, s, n)
             # Sparse attention needs the indexer's picks; the warm-up needs its scores only to train it.
             needs_scores = self.phase == "sparse" or (self.phase == "indexer_warmup" and self.training)
             if self.indexer is not None and n > 0 and needs_scores:
                 # The indexer's only gradient is its KL loss: its inputs are detached from the main model.
-                index_scores = self.indexer(x.detach(), q_latent.detach(), rope)  # [b, s, T]
+                index_scores = self.indexer(x.detach(), q_latent.detach(), rope, doc_ids)  # [b, s, T]
                 if self.phase == "sparse":
                     comp_mask = select_topk(index_scores.detach(), visible, self.index_topk)
                 candidates = comp_mask
@@ -160,7 +168,7 @@ class Attention(nn.Module):
                 indexer_kl_loss(probs[..., s:], index_scores, candidates, self.ctx.tp_group))
         if aux is not None and aux.get("record_stats") and self.indexer is not None and n > 0:
             aux.setdefault("indexer_recall", []).append(
-                self._indexer_recall(x, q_latent, q, keys, mask[..., :s], visible, index_scores, rope))
+                self._indexer_recall(x, q_latent, q, keys, mask[..., :s], visible, index_scores, rope, doc_ids))
 
         out = apply_rope(out.permute(2, 0, 1, 3), cos, sin, inverse=True)  # [s, b, h, D]
         out = out.reshape(s, b, self.n_local_groups, -1)  # [s, b, g, h/g * D]
@@ -169,7 +177,8 @@ class Attention(nn.Module):
         return self.wo_b(out)
 
     @torch.no_grad()
-    def _indexer_recall(self, x, q_latent, q, keys, window_mask, visible, index_scores, rope) -> torch.Tensor:
+    def _indexer_recall(self, x, q_latent, q, keys, window_mask, visible, index_scores, rope,
+                        doc_ids) -> torch.Tensor:
         """How many of the entries dense attention weighs most the indexer picks: |top-k(I) & top-k(p)| / k, over
         queries with more than k visible entries (p: dense attention on the compressed entries, summed over heads).
         """
@@ -180,11 +189,11 @@ class Attention(nn.Module):
         if self.ctx.tp_size > 1:
             dist.all_reduce(teacher, group=self.ctx.tp_group)
         if index_scores is None:
-            index_scores = self.indexer(x, q_latent, rope)
+            index_scores = self.indexer(x, q_latent, rope, doc_ids)
         picked = select_topk(index_scores, visible, self.index_topk)
         best = select_topk(teacher, visible, self.index_topk)
-        counted = visible.sum(-1) > self.index_topk  # [s]
+        hits = (picked & best).sum(-1).float() / self.index_topk  # [b, s]
+        counted = (visible.sum(-1) > self.index_topk).expand_as(hits)
         if not counted.any():
             return torch.ones((), device=x.device)
-        hits = (picked & best).sum(-1).float() / self.index_topk  # [b, s]
-        return hits[:, counted].mean()
+        return hits[counted].mean()

@@ -35,10 +35,10 @@ class Block(nn.Module):
         self.ffn = MoE(cfg, ctx, layer)
 
     def forward(self, streams: torch.Tensor, token_ids: torch.Tensor, rope: RotaryEmbedding,
-                aux: dict | None = None) -> torch.Tensor:
-        """streams [s, b, n, d], token_ids [s, b] -> streams [s, b, n, d]."""
+                aux: dict | None = None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """streams [s, b, n, d], token_ids [s, b], doc_ids [s, b] (packed documents) -> streams [s, b, n, d]."""
         pre, post, res = self.attn_hc.weights(streams)
-        out = self.attn(self.attn_norm(self.attn_hc.collapse(streams, pre)), rope, aux)
+        out = self.attn(self.attn_norm(self.attn_hc.collapse(streams, pre)), rope, aux, doc_ids)
         streams = self.attn_hc.expand(out, streams, post, res)
         record = aux is not None and aux.get("record_stats")
         if record:
@@ -70,8 +70,9 @@ class MTPBlock(nn.Module):
         self.hc_head = HyperHead(cfg)
 
     def forward(self, streams: torch.Tensor, embedded_next: torch.Tensor, token_ids_next: torch.Tensor,
-                rope: RotaryEmbedding, aux: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                rope: RotaryEmbedding, aux: dict | None = None,
+                doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """streams [s, b, n, d]; embedded_next [s, b, d] -> (new streams, collapsed hidden [s, b, d])."""
         x = self.e_proj(self.enorm(embedded_next)).unsqueeze(-2) + self.h_proj(self.hnorm(streams))
-        streams = self.block(x, token_ids_next, rope, aux)
+        streams = self.block(x, token_ids_next, rope, aux, doc_ids)
         return streams, self.hc_head(streams)

@@ -6,7 +6,8 @@
 - `LightningIndexer`: scores every visible compressed entry for each query (Eq. 13-17),
   I[t, s] = sum_h w[t, h] * ReLU(q[t, h] . K[s]), and picks the top-k entries CSA attends to.
 - `compressed_visibility`: strict causality of compressed entries: entry i (tokens i*m .. i*m+m-1) is visible to
-  query t iff i < floor((t + 1) / m), i.e. only complete blocks count.
+  query t iff i < floor((t + 1) / m), i.e. only complete blocks count; `same_document_entries` adds the
+  document boundary of packed sequences.
 
 Shapes use Megatron's sequence-first layout: x [s, b, d]; compressed entries [T, b, head_dim], T = s // m.
 """
@@ -33,6 +34,14 @@ def compressed_visibility(seq_len: int, n_entries: int, ratio: int, device=None)
     return i.unsqueeze(0) < ((t + 1) // ratio).unsqueeze(1)
 
 
+def same_document_entries(doc_ids: torch.Tensor, n_entries: int, ratio: int) -> torch.Tensor:
+    """[b, s, T] bool, for packed documents (doc_ids [s, b], non-decreasing along s): entry i belongs to query t's
+    document iff block i ends in it. The compressor pools only that document's tokens into the entry, so with this
+    mask no information crosses documents."""
+    block_doc = doc_ids[ratio - 1: n_entries * ratio: ratio].t()  # [b, T]: document of each block's last token
+    return doc_ids.t().unsqueeze(2) == block_doc.unsqueeze(1)
+
+
 class Compressor(nn.Module):
     """Compress every `ratio` tokens into one KV entry (paper Eq. 9-12 overlapped / Eq. 20-22 plain).
 
@@ -57,20 +66,29 @@ class Compressor(nn.Module):
         self.ape = nn.Parameter(torch.zeros(ratio, width, dtype=torch.float32))
         self.norm = RMSNorm(head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding) -> torch.Tensor:
-        """x [s, b, d] -> compressed entries [s // ratio, b, head_dim] (a trailing partial block is dropped)."""
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x [s, b, d] -> compressed entries [s // ratio, b, head_dim] (a trailing partial block is dropped).
+
+        doc_ids [s, b] (packed documents): an entry pools only the tokens of the document its block ends in.
+        """
         s, b, _ = x.shape
         m, hd = self.ratio, self.head_dim
         n = s // m
         xf = x[: n * m].float()
         kv = self.wkv(xf).view(n, m, b, -1)  # [n, m, b, width]
         gate = self.wgate(xf).view(n, m, b, -1) + self.ape.view(1, m, 1, -1)
+        docs = None if doc_ids is None else doc_ids[: n * m].view(n, m, b)
         if self.overlap:
             # Entry i: [C^a of block i-1 ; C^b of block i] over 2m positions, one joint softmax.
             prev_kv = torch.cat([kv.new_zeros(1, m, b, hd), kv[:-1, ..., :hd]], dim=0)
             prev_gate = torch.cat([gate.new_full((1, m, b, hd), float("-inf")), gate[:-1, ..., :hd]], dim=0)
             kv = torch.cat([prev_kv, kv[..., hd:]], dim=1)  # [n, 2m, b, hd]
             gate = torch.cat([prev_gate, gate[..., hd:]], dim=1)
+            if docs is not None:
+                docs = torch.cat([torch.cat([docs[:1], docs[:-1]], dim=0), docs], dim=1)  # [n, 2m, b]
+        if docs is not None:
+            other_doc = docs != docs[:, -1:]  # not the document of the block's last token
+            gate = gate.masked_fill(other_doc.unsqueeze(-1), float("-inf"))
         pooled = (kv * gate.softmax(dim=1)).sum(dim=1)  # [n, b, hd]
         c = self.norm(pooled)
         cos, sin = rope(torch.arange(n, device=x.device) * m, "compress")
@@ -104,10 +122,11 @@ class LightningIndexer(nn.Module):
         self.weights_proj = ColumnLinear(ctx, cfg.hidden_size, cfg.index_n_heads)
         self.compressor = Compressor(cfg, ctx, cfg.csa_ratio, cfg.index_head_dim, overlap=True, for_indexer=True)
 
-    def forward(self, x: torch.Tensor, q_latent: torch.Tensor, rope: RotaryEmbedding) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, q_latent: torch.Tensor, rope: RotaryEmbedding,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x [s, b, d], q_latent [s, b, q_lora] -> index scores [b, s, T] (fp32, not yet causally masked)."""
         s, b, _ = x.shape
-        keys = self.compressor(x, rope).float()  # [T, b, c]
+        keys = self.compressor(x, rope, doc_ids).float()  # [T, b, c]
         # Shared by all heads: the keys' gradient is the sum over every rank's heads.
         keys = sum_gradients_over(keys, self.ctx.tp_group)
         q = self.wq_b(q_latent).view(s, b, self.n_local_heads, self.head_dim)
@@ -124,7 +143,7 @@ class LightningIndexer(nn.Module):
 def select_topk(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tensor:
     """The top-k visible entries per query as a mask [b, s, T] (paper Eq. 17).
 
-    scores [b, s, T]; visible [s, T]. Queries with fewer than k visible entries keep all of them.
+    scores [b, s, T]; visible [1 or b, s, T]. Queries with fewer than k visible entries keep all of them.
     """
     n_entries = scores.shape[-1]
     k = min(k, n_entries)

@@ -108,20 +108,23 @@ class DSV4Model(MegatronModule):
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 loss_mask: Optional[torch.Tensor] = None, return_logits: Optional[bool] = None,
-                mtp_loss_weight: Optional[float] = None, record_stats: bool = False) -> ModelOutput:
+                mtp_loss_weight: Optional[float] = None, record_stats: bool = False,
+                document_ids: Optional[torch.Tensor] = None) -> ModelOutput:
         """input_ids [b, s]; labels [b, s] (next tokens; the MTP depth-k target of position t is labels[t + k]);
         loss_mask [b, s] (1 = count the token). Logits are returned when there are no labels, or on request.
         `mtp_loss_weight` overrides the config's (V4 lowers it when LR decay starts). `record_stats` measures the
-        indexer's recall of dense attention's top-k and the mHC composite residual gain (costs a dense pass)."""
+        indexer's recall of dense attention's top-k and the mHC composite residual gain (costs a dense pass).
+        `document_ids` [b, s] (non-decreasing along s) masks attention between packed documents."""
         if return_logits is None:
             return_logits = labels is None
         ids = input_ids.t().contiguous()  # [s, b]
         s, b = ids.shape
         aux: dict = {"record_stats": record_stats}
+        docs = None if document_ids is None else document_ids.t().contiguous()  # [s, b]
         h = self.embed(input_ids).transpose(0, 1)  # [s, b, d]
         streams = h.unsqueeze(2).expand(s, b, self.cfg.hc_mult, -1).contiguous()  # [s, b, n, d]
         for layer in self.layers:
-            streams = layer(streams, ids, self.rope, aux)
+            streams = layer(streams, ids, self.rope, aux, docs)
         logits = self._logits(streams, self.hc_head)
 
         out = ModelOutput()
@@ -141,7 +144,7 @@ class DSV4Model(MegatronModule):
             # Depth k sees tokens t+1..t+k through the shifted embedding and predicts labels[t + k]; the last k
             # positions have no target and are masked (their shifted inputs are padding).
             ids_k = torch.roll(ids, -k, dims=0)
-            streams, hidden = mtp(streams, self.embed(ids_k.t()).transpose(0, 1), ids_k, self.rope, aux)
+            streams, hidden = mtp(streams, self.embed(ids_k.t()).transpose(0, 1), ids_k, self.rope, aux, docs)
             mask_k = torch.roll(mask, -k, dims=0).clone()
             mask_k[-k:] = 0
             out.mtp_losses.append(self._ce(self.head(self.norm(hidden)), torch.roll(labels, -k, dims=0), mask_k))

@@ -186,10 +186,16 @@ def _build_embedded(prefix: str, vocab_size: int, max_bytes: int) -> None:
 # --- the loaders ----------------------------------------------------------------------------------------------------
 
 
-def _collate(samples: List[Dict[str, torch.Tensor]]) -> Batch:
-    return {"input_ids": torch.stack([s["tokens"] for s in samples]),  # [mb, seq]
-            "labels": torch.stack([s["labels"] for s in samples]),  # [mb, seq]
-            "loss_mask": torch.stack([s["loss_mask"] for s in samples]).float()}  # [mb, seq]
+def _collate(samples: List[Dict[str, torch.Tensor]], eod: Optional[int] = None) -> Batch:
+    """Stack samples; with `eod` (data.document_mask) also `document_ids`: the number of end-of-document tokens
+    before each position, so an EOD token belongs to the document it ends."""
+    batch = {"input_ids": torch.stack([s["tokens"] for s in samples]),  # [mb, seq]
+             "labels": torch.stack([s["labels"] for s in samples]),  # [mb, seq]
+             "loss_mask": torch.stack([s["loss_mask"] for s in samples]).float()}  # [mb, seq]
+    if eod is not None:
+        ends = (batch["input_ids"] == eod).long()
+        batch["document_ids"] = ends.cumsum(dim=1) - ends  # [mb, seq], non-decreasing
+    return batch
 
 
 class TrainLoader:
@@ -202,9 +208,12 @@ class TrainLoader:
     when the dataset (sized for run.steps) is exhausted.
     """
 
-    def __init__(self, dataset, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1):
+    def __init__(self, dataset, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
+                 eod: Optional[int] = None):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} is not in [0, dp_size={dp_size})")
+        self.eod = eod
+        """End-of-document id when batches carry `document_ids` (data.document_mask), else None."""
         self.dataset = dataset
         """The megatron dataset (GPTDataset, or BlendedDataset whose samples also carry `dataset_id`)."""
         self.micro_batch_size = micro_batch_size
@@ -219,7 +228,7 @@ class TrainLoader:
         if self.consumed_samples + step > len(self.dataset):
             raise StopIteration
         start = self.consumed_samples + self.dp_rank * self.micro_batch_size
-        batch = _collate([self.dataset[i] for i in range(start, start + self.micro_batch_size)])
+        batch = _collate([self.dataset[i] for i in range(start, start + self.micro_batch_size)], self.eod)
         self.consumed_samples += step
         return batch
 
@@ -236,7 +245,7 @@ class TrainLoader:
 
 
 def _valid_loader(dataset, micro_batch_size: int, dp_rank: int, dp_size: int,
-                  eval_iters: int) -> Callable[..., Iterator[Batch]]:
+                  eval_iters: int, eod: Optional[int] = None) -> Callable[..., Iterator[Batch]]:
     def valid(iters: Optional[int] = None) -> Iterator[Batch]:
         """This rank's slices of the first `iters` (default run.eval_iters) validation micro-steps: the same batches
         on every call, so validation losses of different steps are comparable. The validation set is sized for
@@ -244,7 +253,7 @@ def _valid_loader(dataset, micro_batch_size: int, dp_rank: int, dp_size: int,
         step = micro_batch_size * dp_size
         for k in range(min(eval_iters if iters is None else iters, len(dataset) // step)):
             start = k * step + dp_rank * micro_batch_size
-            yield _collate([dataset[i] for i in range(start, start + micro_batch_size)])
+            yield _collate([dataset[i] for i in range(start, start + micro_batch_size)], eod)
     return valid
 
 
@@ -329,9 +338,10 @@ def build_data(cfg, dp_rank: int = 0, dp_size: int = 1) -> Data:
     with _index_build_lock(config.path_to_cache), _rank_zero_without_process_group():
         train_ds, valid_ds, _ = builder.build()
 
+    eod = tokenizer.eod if d.document_mask else None
     valid = None if valid_ds is None else _valid_loader(valid_ds, d.micro_batch_size, dp_rank, dp_size,
-                                                         run.eval_iters)
-    return Data(train=TrainLoader(train_ds, d.micro_batch_size, dp_rank, dp_size), valid=valid,
+                                                         run.eval_iters, eod)
+    return Data(train=TrainLoader(train_ds, d.micro_batch_size, dp_rank, dp_size, eod), valid=valid,
                 tokenizer=tokenizer, prefixes=prefixes)
 
 

@@ -124,7 +124,8 @@ def train_step(model: DSV4Model, optimizer: torch.optim.Optimizer, batches: list
     sums: dict = defaultdict(float)
     tokens = 0
     for batch in batches:
-        out = model(batch["input_ids"], batch["labels"], batch["loss_mask"], mtp_loss_weight=w_mtp)
+        out = model(batch["input_ids"], batch["labels"], batch["loss_mask"], mtp_loss_weight=w_mtp,
+                    document_ids=batch.get("document_ids"))
         (out.loss / len(batches)).backward()
         sums["loss"] += out.loss.item()
         sums["lm_loss"] += out.lm_loss.item()
@@ -173,7 +174,8 @@ def evaluate(model: DSV4Model, batches, groups: ParallelGroups) -> dict:
     model.eval()
     total, count, stats = 0.0, 0, {}
     for i, batch in enumerate(batches):
-        out = model(batch["input_ids"], batch["labels"], batch["loss_mask"], record_stats=i == 0)
+        out = model(batch["input_ids"], batch["labels"], batch["loss_mask"], record_stats=i == 0,
+                    document_ids=batch.get("document_ids"))
         if i == 0:
             stats = out.stats
         total += out.lm_loss.item()
