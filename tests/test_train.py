@@ -135,6 +135,30 @@ def test_two_data_parallel_ranks_equal_one_rank(cache_dir, tmp_path, groups):
     assert dp2 == pytest.approx([m["lm_loss"] for m in single.history], rel=1e-4)
 
 
+def _train_tp2(rank, world_size, cache_dir, out_dir):
+    from dsv4.parallel.state import init_distributed
+
+    init_distributed(tp=2)
+    cfg = config(cache_dir, os.path.join(out_dir, "tp2"), *DP_COMMON, "data.micro_batch_size=4",
+                 "parallel.tensor_parallel=2")
+    history = loop.train(cfg).history
+    if rank == 0:
+        with open(os.path.join(out_dir, "tp2.json"), "w") as f:
+            json.dump([m["lm_loss"] for m in history], f)
+
+
+def test_training_with_two_tensor_parallel_ranks_equals_one_rank(cache_dir, tmp_path, groups):
+    """Heads, indexer heads, output groups and vocabulary split over 2 ranks: the same losses step by step
+    (gradient norm and clipping over the split parameters included)."""
+    from dist_utils import run_workers
+
+    single = loop.train(config(cache_dir, tmp_path / "single", *DP_COMMON, "data.micro_batch_size=4"))
+    run_workers(_train_tp2, 2, cache_dir, str(tmp_path), timeout=300)
+    with open(tmp_path / "tp2.json") as f:
+        tp2 = json.load(f)
+    assert tp2 == pytest.approx([m["lm_loss"] for m in single.history], rel=1e-4)
+
+
 def test_nan_loss_is_skipped_without_touching_the_model(cache_dir, tmp_path, groups, monkeypatch):
     """A non-finite loss skips the update (run.on_nan=skip): parameters and expert biases stay as they were."""
     cfg = config(cache_dir, tmp_path / "run", "run.steps=1", "optim.warmup_steps=0", "data.seq_length=128",
