@@ -20,13 +20,14 @@ def _need(cond: bool, key: str, msg: str) -> None:
 
 @dataclass
 class ParallelConfig:
-    """How ranks are laid out. Only a single rank today; the parallelism issue adds tp/pp/ep layouts."""
+    """How ranks are laid out: tensor parallel over `tp` ranks, data parallel over the rest of the world.
+    Pipeline and expert parallelism come with the parallelism issue."""
 
-    tensor_parallel: int = 1
+    tp: int = 1
     """Tensor-parallel size (query heads, indexer heads, output groups and vocabulary split)."""
 
     def validate(self) -> None:
-        _need(self.tensor_parallel >= 1, "parallel.tensor_parallel", f"must be >= 1, got {self.tensor_parallel}")
+        _need(self.tp >= 1, "parallel.tp", f"must be >= 1, got {self.tp}")
 
 
 @dataclass

@@ -55,17 +55,17 @@ class DSV4Config:
         for group in (self.parallel, self.optim, self.data, self.precision, self.run, self.cluster):
             group.validate()
         self.model.validate(seq_length=self.data.seq_length)
-        tp = self.parallel.tensor_parallel
+        tp = self.parallel.tp
         for key in ("num_heads", "o_groups", "index_n_heads", "vocab_size"):
             if getattr(self.model, key) % tp:
                 raise ConfigError(f"model.{key}: {getattr(self.model, key)} is not divisible by "
-                                  f"parallel.tensor_parallel={tp}; pick a tensor-parallel size that divides it")
+                                  f"parallel.tp={tp}; pick a tensor-parallel size that divides it")
         world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
         if world < 1:
-            raise ConfigError(f"parallel.tensor_parallel: cannot lay out {world} ranks; the world size "
+            raise ConfigError(f"parallel.tp: cannot lay out {world} ranks; the world size "
                               f"(world_size or $WORLD_SIZE) must be >= 1")
         if world % tp:
-            raise ConfigError(f"parallel.tensor_parallel: {tp} does not divide the {world} ranks; launch a multiple "
+            raise ConfigError(f"parallel.tp: {tp} does not divide the {world} ranks; launch a multiple "
                               f"of {tp} ranks or change it")
         per_step = self.data.micro_batch_size * (world // tp)
         if self.data.global_batch_size % per_step:

@@ -160,7 +160,7 @@ def test_every_preset_composes_and_the_config_holds_its_values(group, preset):
 
 
 def test_the_default_composition_holds_each_groups_default_preset(base):
-    assert base.parallel == ParallelConfig(tensor_parallel=1)
+    assert base.parallel == ParallelConfig(tp=1)
     assert (base.optim.name, base.optim.lr, base.optim.min_lr, base.optim.schedule, base.optim.warmup_steps) == (
         "adamw", 3e-3, 3e-4, "cosine", 20)
     assert (base.data.prefixes, base.data.seq_length, base.data.micro_batch_size, base.data.global_batch_size,
@@ -210,7 +210,7 @@ def test_command_line_overrides():
     (["data.split='90,10,0'"], {"data.split": "90,10,0"}),  # quoted: an unquoted a,b,c is a Hydra sweep
     (["precision=bf16"], {"precision.params_dtype": "bfloat16"}),
     (["precision.params_dtype=bfloat16"], {"precision.params_dtype": "bfloat16"}),
-    (["parallel=single", "parallel.tensor_parallel=1"], {"parallel.tensor_parallel": 1}),
+    (["parallel=single", "parallel.tp=1"], {"parallel.tp": 1}),
     (["cluster=local", "cluster.kind=local"], {"cluster.kind": "local"}),
 ])
 def test_command_line_overrides_of_each_group(overrides, expected):
@@ -222,17 +222,17 @@ def test_command_line_overrides_of_each_group(overrides, expected):
 
 
 def test_tensor_parallel_override_uses_the_world_size_from_the_environment(monkeypatch):
-    with pytest.raises(ConfigError, match="parallel.tensor_parallel: 2 does not divide the 1 ranks"):
-        compose_config(overrides=["parallel.tensor_parallel=2"])  # no $WORLD_SIZE: one rank
+    with pytest.raises(ConfigError, match="parallel.tp: 2 does not divide the 1 ranks"):
+        compose_config(overrides=["parallel.tp=2"])  # no $WORLD_SIZE: one rank
     monkeypatch.setenv("WORLD_SIZE", "4")  # tp 2 x dp 2: 4 x 2 sequences per micro-step
-    cfg = compose_config(overrides=["parallel.tensor_parallel=2", "data.global_batch_size=8"])
-    assert cfg.parallel.tensor_parallel == 2
+    cfg = compose_config(overrides=["parallel.tp=2", "data.global_batch_size=8"])
+    assert cfg.parallel.tp == 2
     with pytest.raises(ConfigError, match=r"data.global_batch_size: 4 is not a multiple .* = 8"):
-        compose_config(overrides=["parallel.tensor_parallel=2"])
+        compose_config(overrides=["parallel.tp=2"])
 
 
 @pytest.mark.parametrize("override, key", [
-    ("parallel.tensor_parallel=0", "parallel.tensor_parallel"),
+    ("parallel.tp=0", "parallel.tp"),
     ("optim.lr=0", "optim.lr"),
     ("data.micro_batch_size=0", "data.micro_batch_size"),
     ("precision.params_dtype=float16", "precision.params_dtype"),
@@ -259,7 +259,7 @@ def test_flash_at_its_first_stage_length_with_a_shrunk_depth():
     ("data.seq_len=512", "data.seq_len", "seq_length"),
     ("seq_length=512", "seq_length", "no such key"),  # the old top-level key: now data.seq_length
     ("+seq_length=512", "seq_length", "no such key"),
-    ("parallel.tensor_paralel=2", "parallel.tensor_paralel", "tensor_parallel"),
+    ("parallel.ttp=2", "parallel.ttp", "tp"),
     ("optim.lrr=1e-3", "optim.lrr", "'lr'"),
     ("+optim.lrr=1e-3", "optim.lrr", "'lr'"),
     ("optim.warmup=10", "optim.warmup", "warmup_steps"),
@@ -291,7 +291,7 @@ def test_unknown_key_points_at_the_schema_listing_the_keys(override, group):
     ("model.quant_sim=maybe", "model.quant_sim", "bool"),
     ("model.compress_ratios=[0,0,4,x,4,16,0]", "model.compress_ratios[3]", "int"),
     ("data.seq_length=1.5", "data.seq_length", "int"),
-    ("parallel.tensor_parallel=two", "parallel.tensor_parallel", "int"),
+    ("parallel.tp=two", "parallel.tp", "int"),
     ("optim.lr=fast", "optim.lr", "float"),
     ("optim.warmup_steps=1.5", "optim.warmup_steps", "int"),
     ("data.micro_batch_size=many", "data.micro_batch_size", "int"),
@@ -510,7 +510,7 @@ def test_the_default_composition_is_valid(base):
 
 @pytest.mark.parametrize("value", [0, -2])
 def test_parallel_tensor_parallel_at_least_one(base, value):
-    assert_invalid(changed(base, parallel__tensor_parallel=value), "parallel.tensor_parallel", "must be >= 1")
+    assert_invalid(changed(base, parallel__tp=value), "parallel.tp", "must be >= 1")
 
 
 # optim
@@ -698,55 +698,55 @@ def test_groups_are_validated_before_the_model(base):
 
 
 def test_tensor_parallel_divides_num_heads(base):  # debug: 4 heads, 2 output groups, 4 indexer heads, vocab 1024
-    assert_invalid(changed(base, parallel__tensor_parallel=3), "model.num_heads",
-                   "4 is not divisible by parallel.tensor_parallel=3", world_size=3)
+    assert_invalid(changed(base, parallel__tp=3), "model.num_heads",
+                   "4 is not divisible by parallel.tp=3", world_size=3)
 
 
 def test_tensor_parallel_divides_o_groups(base):
-    assert_invalid(changed(base, parallel__tensor_parallel=4), "model.o_groups",
-                   "2 is not divisible by parallel.tensor_parallel=4", world_size=4)
+    assert_invalid(changed(base, parallel__tp=4), "model.o_groups",
+                   "2 is not divisible by parallel.tp=4", world_size=4)
 
 
 def test_tensor_parallel_divides_index_n_heads(base):
-    cfg = changed(base, parallel__tensor_parallel=4, model__o_groups=4, model__index_n_heads=2)
-    assert_invalid(cfg, "model.index_n_heads", "2 is not divisible by parallel.tensor_parallel=4", world_size=4)
+    cfg = changed(base, parallel__tp=4, model__o_groups=4, model__index_n_heads=2)
+    assert_invalid(cfg, "model.index_n_heads", "2 is not divisible by parallel.tp=4", world_size=4)
 
 
 def test_tensor_parallel_divides_vocab_size(base):
-    assert_invalid(changed(base, parallel__tensor_parallel=2, model__vocab_size=1025), "model.vocab_size",
-                   "1025 is not divisible by parallel.tensor_parallel=2", world_size=2)
+    assert_invalid(changed(base, parallel__tp=2, model__vocab_size=1025), "model.vocab_size",
+                   "1025 is not divisible by parallel.tp=2", world_size=2)
 
 
 def test_tensor_parallel_of_two_and_four_fit_the_debug_model(base):
-    changed(base, parallel__tensor_parallel=2).validate(world_size=2)
-    changed(base, parallel__tensor_parallel=2, data__global_batch_size=8).validate(world_size=4)
+    changed(base, parallel__tp=2).validate(world_size=2)
+    changed(base, parallel__tp=2, data__global_batch_size=8).validate(world_size=4)
 
 
 @pytest.mark.parametrize("tp, world", [(2, 3), (2, 1), (4, 2), (4, 6)])
 def test_tensor_parallel_divides_the_world_size(base, tp, world):
-    cfg = changed(base, parallel__tensor_parallel=tp, model__o_groups=4)
-    assert_invalid(cfg, "parallel.tensor_parallel", f"{tp} does not divide the {world} ranks", world_size=world)
+    cfg = changed(base, parallel__tp=tp, model__o_groups=4)
+    assert_invalid(cfg, "parallel.tp", f"{tp} does not divide the {world} ranks", world_size=world)
 
 
 def test_world_size_from_the_environment(base, monkeypatch):
-    cfg = changed(base, parallel__tensor_parallel=2)
-    assert_invalid(cfg, "parallel.tensor_parallel", "does not divide the 1 ranks", world_size=None)  # unset: 1
+    cfg = changed(base, parallel__tp=2)
+    assert_invalid(cfg, "parallel.tp", "does not divide the 1 ranks", world_size=None)  # unset: 1
     monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(ConfigError, match="parallel.tensor_parallel: 2 does not divide the 3 ranks"):
+    with pytest.raises(ConfigError, match="parallel.tp: 2 does not divide the 3 ranks"):
         cfg.validate()
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg.validate()
-    assert_invalid(cfg, "parallel.tensor_parallel", "does not divide the 3 ranks", world_size=3)  # explicit wins
+    assert_invalid(cfg, "parallel.tp", "does not divide the 3 ranks", world_size=3)  # explicit wins
 
 
 @pytest.mark.parametrize("world", [0, -1])
 def test_world_size_at_least_one(base, world):
-    assert_invalid(copy.deepcopy(base), "parallel.tensor_parallel", f"cannot lay out {world} ranks", world_size=world)
+    assert_invalid(copy.deepcopy(base), "parallel.tp", f"cannot lay out {world} ranks", world_size=world)
 
 
 def test_global_batch_is_a_multiple_of_micro_batch_times_data_parallel_ranks(base):
     # world 4, tp 2 -> dp 2; micro 4 -> 8 sequences per micro-step over all ranks.
-    cfg = changed(base, parallel__tensor_parallel=2)
+    cfg = changed(base, parallel__tp=2)
     assert_invalid(cfg, "data.global_batch_size",
                    r"4 is not a multiple of data.micro_batch_size=4 x 2 data-parallel ranks = 8; use a multiple of 8",
                    world_size=4)

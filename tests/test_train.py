@@ -140,7 +140,7 @@ def _train_tp2(rank, world_size, cache_dir, out_dir):
 
     init_distributed(tp=2)
     cfg = config(cache_dir, os.path.join(out_dir, "tp2"), *DP_COMMON, "data.micro_batch_size=4",
-                 "parallel.tensor_parallel=2")
+                 "parallel.tp=2")
     history = loop.train(cfg).history
     if rank == 0:
         with open(os.path.join(out_dir, "tp2.json"), "w") as f:

@@ -192,7 +192,7 @@ def evaluate(model: DSV4Model, batches, groups: ParallelGroups) -> dict:
 
 def train(cfg: DSV4Config, run_dir: Optional[str] = None) -> TrainResult:
     """Train `cfg.run.steps` optimizer steps; `cfg` must be validated (compose_config / to_config do it)."""
-    groups = init_distributed(tp=cfg.parallel.tensor_parallel)
+    groups = init_distributed(tp=cfg.parallel.tp)
     run_dir = run_dir or cfg.run.output_dir
     rank0 = dist.get_rank() == 0
     model = build_model(cfg, groups)
