@@ -89,6 +89,11 @@ def grad_norm(model: torch.nn.Module, tp_group: dist.ProcessGroup) -> torch.Tens
     return (sharded + (zero if replicated is None else replicated)).sqrt()
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The loader's CPU tensors on the model's device."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def average_gradients(model: torch.nn.Module, dp_group: dist.ProcessGroup) -> None:
     """Data parallelism: every replica applies the mean gradient (megatron's DDP replaces this later)."""
     if dist.get_world_size(dp_group) == 1:
@@ -123,7 +128,9 @@ def train_step(model: DSV4Model, optimizer: torch.optim.Optimizer, batches: list
     optimizer.zero_grad(set_to_none=True)
     sums: dict = defaultdict(float)
     tokens = 0
+    device = next(model.parameters()).device
     for batch in batches:
+        batch = to_device(batch, device)
         out = model(batch["input_ids"], batch["labels"], batch["loss_mask"], mtp_loss_weight=w_mtp,
                     document_ids=batch.get("document_ids"))
         (out.loss / len(batches)).backward()
@@ -138,12 +145,12 @@ def train_step(model: DSV4Model, optimizer: torch.optim.Optimizer, batches: list
         tokens += batch["input_ids"].numel()
     metrics = {k: v / len(batches) for k, v in sums.items()}
     if groups.dp_size > 1:  # report the global batch's losses, not this replica's share
-        values = torch.tensor(list(metrics.values()), dtype=torch.float64)
+        values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=device)
         dist.all_reduce(values, group=groups.dp)
         metrics = dict(zip(metrics, (values / groups.dp_size).tolist()))
     average_gradients(model, groups.dp)
     norm = grad_norm(model, groups.tp)
-    finite = torch.tensor([float(math.isfinite(metrics["loss"]) and torch.isfinite(norm).item())])
+    finite = torch.tensor([float(math.isfinite(metrics["loss"]) and torch.isfinite(norm).item())], device=device)
     dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     metrics.update(lr=lr, grad_norm=norm.item(), mtp_weight=w_mtp, tokens=tokens * groups.dp_size,
                    skipped=finite.item() == 0)
@@ -173,7 +180,9 @@ def evaluate(model: DSV4Model, batches, groups: ParallelGroups) -> dict:
     dense attention's top-k and the mHC composite gain."""
     model.eval()
     total, count, stats = 0.0, 0, {}
+    device = next(model.parameters()).device
     for i, batch in enumerate(batches):
+        batch = to_device(batch, device)
         out = model(batch["input_ids"], batch["labels"], batch["loss_mask"], record_stats=i == 0,
                     document_ids=batch.get("document_ids"))
         if i == 0:
@@ -181,7 +190,7 @@ def evaluate(model: DSV4Model, batches, groups: ParallelGroups) -> dict:
         total += out.lm_loss.item()
         count += 1
     model.train()
-    loss = torch.tensor([total, float(count)])
+    loss = torch.tensor([total, float(count)], device=device)  # NCCL reduces device tensors only
     dist.all_reduce(loss, group=groups.dp)
     mean = (loss[0] / loss[1].clamp_min(1)).item()
     return {"valid/lm_loss": mean, "valid/perplexity": math.exp(min(mean, 50.0)),
