@@ -20,14 +20,21 @@ def _need(cond: bool, key: str, msg: str) -> None:
 
 @dataclass
 class ParallelConfig:
-    """How ranks are laid out: tensor parallel over `tp` ranks, data parallel over the rest of the world.
-    Pipeline and expert parallelism come with the parallelism issue."""
+    """How ranks are laid out: tensor parallel over `tp` ranks, data parallel over the rest of the world, routed
+    experts spread over `ep` of the data-parallel ranks. Pipeline and sequence parallelism come later."""
 
     tp: int = 1
     """Tensor-parallel size (query heads, indexer heads, output groups and vocabulary split)."""
+    ep: int = 1
+    """Expert-parallel size: the routed experts are spread over this many data-parallel ranks and tokens travel
+    to them all-to-all."""
 
     def validate(self) -> None:
         _need(self.tp >= 1, "parallel.tp", f"must be >= 1, got {self.tp}")
+        _need(self.ep >= 1, "parallel.ep", f"must be >= 1, got {self.ep}")
+        _need(self.ep == 1 or self.tp == 1, "parallel.ep",
+              f"expert parallelism together with tensor parallelism (tp={self.tp}) is not available yet; set "
+              f"parallel.tp=1 or parallel.ep=1")
 
 
 @dataclass

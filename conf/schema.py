@@ -67,6 +67,13 @@ class DSV4Config:
         if world % tp:
             raise ConfigError(f"parallel.tp: {tp} does not divide the {world} ranks; launch a multiple "
                               f"of {tp} ranks or change it")
+        ep = self.parallel.ep
+        if self.model.n_routed_experts % ep:
+            raise ConfigError(f"model.n_routed_experts: {self.model.n_routed_experts} experts cannot be spread over "
+                              f"parallel.ep={ep} ranks; pick an expert-parallel size that divides it")
+        if (world // tp) % ep:
+            raise ConfigError(f"parallel.ep: {ep} does not divide the {world // tp} data-parallel ranks; launch a "
+                              f"multiple of {tp * ep} ranks or change it")
         per_step = self.data.micro_batch_size * (world // tp)
         if self.data.global_batch_size % per_step:
             raise ConfigError(f"data.global_batch_size: {self.data.global_batch_size} is not a multiple of "

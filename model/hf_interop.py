@@ -232,10 +232,10 @@ def from_hf_config(hf: dict, **overrides) -> ModelConfig:
 
 
 def full_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """The model's unsharded state dict (tensor-parallel size 1 only, until sharded checkpoints land)."""
-    if model.config.tensor_model_parallel_size != 1:
-        raise NotImplementedError("export from a tensor-parallel model needs the gathered weights; run it with "
-                                  "tensor parallel size 1 (or export from a checkpoint)")
+    """The model's unsharded state dict (tensor- and expert-parallel size 1 only, until sharded checkpoints land)."""
+    if model.config.tensor_model_parallel_size != 1 or model.ep_size != 1:
+        raise NotImplementedError("export from a tensor- or expert-parallel model needs the gathered weights; run it "
+                                  "with tensor and expert parallel size 1 (or export from a checkpoint)")
     return {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
 
 

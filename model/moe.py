@@ -10,7 +10,7 @@
 - `sequence_balance_loss`: V3's small sequence-wise balance loss, kept in V4.
 
 Experts are stored per layer as 3-D tensors [E, out, in]; with expert parallelism each rank holds E / ep of them
-(the dispatch across ranks slots in at `MoE._dispatch`).
+and `MoE._run_experts` sends every (token, expert) row to its expert's rank and back with all-to-alls.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from dsv4.parallel.layers import LayerContext, replicated_linear
+from dsv4.parallel.layers import LayerContext, divide, replicated_linear
+from dsv4.parallel.mappings import all_to_all
 
 from .config import ModelConfig
 
@@ -97,27 +98,33 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
 
 
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts: y = w2 (swiglu(w1 x, w3 x)), computed in fp32 as in the reference."""
+    """The routed SwiGLU experts this rank holds: y = w2 (swiglu(w1 x, w3 x)), in fp32 as in the reference.
 
-    def __init__(self, cfg: ModelConfig, n_experts: int):
+    With expert parallelism over `ctx.ep_group` this rank holds experts [r E/ep, (r+1) E/ep). Weights are drawn as
+    the full [E, ...] tensors and sliced, so a model is the same for every expert-parallel size.
+    """
+
+    def __init__(self, cfg: ModelConfig, ctx: LayerContext):
         super().__init__()
         d, inter, std = cfg.hidden_size, cfg.moe_intermediate_size, cfg.init_std
         self.limit = cfg.swiglu_limit
-        self.w1 = nn.Parameter(torch.randn(n_experts, inter, d) * std)  # gate
-        self.w3 = nn.Parameter(torch.randn(n_experts, inter, d) * std)  # up
-        self.w2 = nn.Parameter(torch.randn(n_experts, d, inter) * std)  # down
+        self.n_local = divide(cfg.n_routed_experts, ctx.ep_size, "model.n_routed_experts / expert parallel size")
+        mine = slice(ctx.ep_rank * self.n_local, (ctx.ep_rank + 1) * self.n_local)
+        self.w1 = nn.Parameter((torch.randn(cfg.n_routed_experts, inter, d) * std)[mine].clone())  # gate
+        self.w3 = nn.Parameter((torch.randn(cfg.n_routed_experts, inter, d) * std)[mine].clone())  # up
+        self.w2 = nn.Parameter((torch.randn(cfg.n_routed_experts, d, inter) * std)[mine].clone())  # down
         for p in (self.w1, self.w3, self.w2):
-            p.allreduce = False  # megatron's marker: expert weights are not reduced over the expert-parallel group
+            p.allreduce = False  # megatron's marker: reduced over the expert-data-parallel group only
 
-    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [N, d]; indices/weights [N, k] -> sum_j weights[:, j] * expert_{indices[:, j]}(x)."""
-        out = torch.zeros_like(x, dtype=torch.float32)
-        xf = x.float()
-        for e in torch.unique(indices).tolist():
-            token, slot = torch.where(indices == e)
-            h = swiglu(xf[token] @ self.w1[e].float().t(), xf[token] @ self.w3[e].float().t(), self.limit)
-            out.index_add_(0, token, (h @ self.w2[e].float().t()) * weights[token, slot].unsqueeze(-1))
-        return out.to(x.dtype)
+    def forward(self, rows: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        """rows [R, d] (one per token and chosen expert), expert [R] local expert ids -> expert outputs [R, d] fp32."""
+        order = torch.argsort(expert, stable=True)
+        counts = torch.bincount(expert, minlength=self.n_local).tolist()
+        outs = []
+        for e, x in enumerate(rows[order].float().split(counts)):  # contiguous rows per expert
+            h = swiglu(x @ self.w1[e].float().t(), x @ self.w3[e].float().t(), self.limit)
+            outs.append(h @ self.w2[e].float().t())
+        return torch.cat(outs)[torch.argsort(order)]
 
 
 class SharedExpert(nn.Module):
@@ -163,8 +170,9 @@ class MoE(nn.Module):
 
     def __init__(self, cfg: ModelConfig, ctx: LayerContext, layer: int):
         super().__init__()
+        self.ep_group, self.ep_size = ctx.ep_group, ctx.ep_size
         self.gate = Router(cfg, ctx, layer)
-        self.experts = GroupedExperts(cfg, cfg.n_routed_experts)
+        self.experts = GroupedExperts(cfg, ctx)
         self.shared_experts = SharedExpert(cfg, ctx) if cfg.n_shared_experts > 0 else None
         self.seq_aux_loss_coef = cfg.seq_aux_loss_coef
 
@@ -173,13 +181,33 @@ class MoE(nn.Module):
         s, b, d = x.shape
         flat = x.reshape(-1, d)
         scores, weights, indices = self.gate(flat, token_ids.reshape(-1))
-        out = self.experts(flat, indices, weights)
+        k = indices.shape[1]
+        rows = flat.repeat_interleave(k, dim=0)  # [N k, d]: token t's copy for its j-th expert at t k + j
+        expert_out = self._run_experts(rows, indices.flatten())  # [N k, d]
+        out = (expert_out.view(-1, k, d) * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         if self.training and aux is not None and not self.gate.is_hash and self.seq_aux_loss_coef > 0:
             aux.setdefault("balance", []).append(self.seq_aux_loss_coef * sequence_balance_loss(
                 scores, indices, self.gate.n_experts, self.gate.top_k, b))
         return out.view(s, b, d)
+
+
+    def _run_experts(self, rows: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        """Each row through its expert. With expert parallelism the rows travel to the rank holding their expert
+        and back (all-to-all over the expert-parallel group, differentiable both ways)."""
+        if self.ep_size == 1:
+            return self.experts(rows, expert)
+        n_local = self.experts.n_local
+        dest = expert // n_local  # owning rank of each row
+        order = torch.argsort(dest, stable=True)
+        send_counts = torch.bincount(dest, minlength=self.ep_size)
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.ep_group)
+        send, recv = send_counts.tolist(), recv_counts.tolist()
+        recv_expert = all_to_all(expert[order] % n_local, recv, send, self.ep_group)  # local ids at the owner
+        done = self.experts(all_to_all(rows[order], recv, send, self.ep_group), recv_expert)
+        return all_to_all(done, send, recv, self.ep_group)[torch.argsort(order)]
 
 
 @torch.no_grad()

@@ -45,14 +45,17 @@ class ModelOutput:
 
 
 class DSV4Model(MegatronModule):
-    """DeepSeek-V4 with MTP, built from a `ModelConfig` and the tensor-parallel group it runs on."""
+    """DeepSeek-V4 with MTP, built from a `ModelConfig` and the groups it runs on: tensor parallel, and optionally
+    expert parallel (routed experts spread over `ep_group`)."""
 
-    def __init__(self, cfg: ModelConfig, tp_group: dist.ProcessGroup, params_dtype: torch.dtype = torch.float32):
+    def __init__(self, cfg: ModelConfig, tp_group: dist.ProcessGroup, params_dtype: torch.dtype = torch.float32,
+                 ep_group: Optional[dist.ProcessGroup] = None):
         cfg.validate()
-        ctx = make_layer_context(tp_group, cfg.init_std, params_dtype)
+        ctx = make_layer_context(tp_group, cfg.init_std, params_dtype, ep_group)
         super().__init__(config=ctx.mp_config)
         self.cfg = cfg
         self.tp_group = tp_group
+        self.ep_size = ctx.ep_size  # routed experts are spread over this many ranks
         self.rope = RotaryEmbedding(cfg)
         self.embed = vocab_embedding(ctx, cfg.vocab_size, cfg.hidden_size)
         self.layers = torch.nn.ModuleList(Block(cfg, ctx, i) for i in range(cfg.num_layers))

@@ -28,6 +28,16 @@ class LayerContext:
     mp_config: ModelParallelConfig
     tp_group: dist.ProcessGroup
     init_std: float
+    ep_group: Optional[dist.ProcessGroup] = None
+    """Expert-parallel group the routed experts are spread over (None: every expert on this rank)."""
+
+    @property
+    def ep_size(self) -> int:
+        return 1 if self.ep_group is None else dist.get_world_size(self.ep_group)
+
+    @property
+    def ep_rank(self) -> int:
+        return 0 if self.ep_group is None else dist.get_rank(self.ep_group)
 
     @property
     def tp_size(self) -> int:
@@ -42,8 +52,8 @@ class LayerContext:
         return lambda w: nn.init.normal_(w, mean=0.0, std=std)
 
 
-def make_layer_context(tp_group: dist.ProcessGroup, init_std: float,
-                       params_dtype: torch.dtype = torch.float32) -> LayerContext:
+def make_layer_context(tp_group: dist.ProcessGroup, init_std: float, params_dtype: torch.dtype = torch.float32,
+                       ep_group: Optional[dist.ProcessGroup] = None) -> LayerContext:
     """Megatron's ModelParallelConfig for our layers.
 
     Weights are always initialised on the CPU, as the full (master) tensor sliced to this rank's part, from the
@@ -56,7 +66,7 @@ def make_layer_context(tp_group: dist.ProcessGroup, init_std: float,
         use_cpu_initialization=True,
         perform_initialization=True,
     )
-    return LayerContext(mp_config, tp_group, init_std)
+    return LayerContext(mp_config, tp_group, init_std, ep_group)
 
 
 class ColumnLinear(nn.Module):

@@ -27,6 +27,8 @@ class ParallelGroups:
     pp: dist.ProcessGroup
     ep: dist.ProcessGroup
     dp: dist.ProcessGroup
+    edp: dist.ProcessGroup
+    """Expert data parallel: the ranks holding the same experts (dp / ep of them)."""
 
     @property
     def tp_size(self) -> int:
@@ -110,6 +112,7 @@ def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, backend: str | None 
         pp=mpu.get_pipeline_model_parallel_group(),
         ep=mpu.get_expert_model_parallel_group(),
         dp=mpu.get_data_parallel_group(),
+        edp=mpu.get_expert_data_parallel_group(),
     )
 
 

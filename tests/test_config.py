@@ -772,3 +772,23 @@ def test_warmup_shorter_than_the_run_for_decaying_schedules(base, schedule, warm
 @pytest.mark.parametrize("warmup, steps", [(20, 20), (50, 20)])
 def test_warmup_may_cover_the_run_with_a_constant_schedule(base, warmup, steps):
     changed(base, optim__schedule="constant", optim__warmup_steps=warmup, run__steps=steps).validate(world_size=1)
+
+
+# --- expert parallelism ------------------------------------------------------------------------------------------
+
+def test_parallel_ep_at_least_one(base):
+    assert_invalid(changed(base, parallel__ep=0), "parallel.ep", "must be >= 1")
+
+
+def test_parallel_ep_with_tp_is_rejected(base):
+    assert_invalid(changed(base, parallel__ep=2, parallel__tp=2), "parallel.ep", "set parallel.tp=1", world_size=4)
+
+
+def test_parallel_ep_divides_the_experts(base):  # debug: 8 routed experts
+    assert_invalid(changed(base, parallel__ep=3), "model.n_routed_experts", "parallel.ep=3", world_size=3)
+
+
+def test_parallel_ep_divides_the_data_parallel_ranks(base):
+    assert_invalid(changed(base, parallel__ep=4), "parallel.ep", "does not divide the 2 data-parallel ranks",
+                   world_size=2)
+    changed(base, parallel__ep=2, data__global_batch_size=16).validate(world_size=4)

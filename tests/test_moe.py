@@ -176,9 +176,9 @@ def test_tid2eid_deterministic_per_seed(debug_cfg, ctx):
 # --- experts and the MoE layer ------------------------------------------------------------------------------------
 
 
-def _experts_and_inputs(cfg, seed=0):
+def _experts_and_inputs(cfg, ctx, seed=0):
     torch.manual_seed(seed)
-    experts = GroupedExperts(cfg, cfg.n_routed_experts)
+    experts = GroupedExperts(cfg, ctx)
     with torch.no_grad():  # large pre-activations so the clamp is active
         experts.w1.mul_(10)
         experts.w3.mul_(10)
@@ -189,24 +189,31 @@ def _experts_and_inputs(cfg, seed=0):
     return experts, x, indices, weights
 
 
-def test_grouped_experts_match_per_token_loop_with_clamp(debug_cfg):
+def combine(experts, x, indices, weights):
+    """sum_j weights[:, j] * expert_{indices[:, j]}(x) through GroupedExperts' row interface."""
+    k = indices.shape[1]
+    out = experts(x.repeat_interleave(k, dim=0), indices.flatten())
+    return (out.view(-1, k, x.shape[1]) * weights.unsqueeze(-1)).sum(1)
+
+
+def test_grouped_experts_match_per_token_loop_with_clamp(debug_cfg, ctx):
     """GroupedExperts = sum_j w_j expert_{e_j}(x), expert(x) = w2 (silu(min(w1 x, L)) * clamp(w3 x, -L, L)),
     with inputs large enough that both clamps bite."""
     cfg = debug_cfg
-    experts, x, indices, weights = _experts_and_inputs(cfg)
+    experts, x, indices, weights = _experts_and_inputs(cfg, ctx)
     L = cfg.swiglu_limit
     pre_gate = torch.einsum("td,eid->tei", x, experts.w1.detach())
     pre_up = torch.einsum("td,eid->tei", x, experts.w3.detach())
     assert (pre_gate > L).any() and (pre_up > L).any() and (pre_up < -L).any()
-    got = experts(x, indices, weights)
+    got = combine(experts, x, indices, weights)
     torch.testing.assert_close(got.double(), ref_grouped_experts(x, indices, weights, experts, L), rtol=1e-5, atol=1e-4)
 
 
-def test_swiglu_limit_zero_disables_clamp(debug_cfg):
+def test_swiglu_limit_zero_disables_clamp(debug_cfg, ctx):
     """swiglu_limit = 0: plain SwiGLU (and it differs from the clamped result on these inputs)."""
     cfg = debug_cfg.replace(swiglu_limit=0.0)
-    experts, x, indices, weights = _experts_and_inputs(cfg)
-    got = experts(x, indices, weights)
+    experts, x, indices, weights = _experts_and_inputs(cfg, ctx)
+    got = combine(experts, x, indices, weights)
     torch.testing.assert_close(got.double(), ref_grouped_experts(x, indices, weights, experts, 0.0), rtol=1e-5,
                                atol=1e-4)
     clamped = ref_grouped_experts(x, indices, weights, experts, debug_cfg.swiglu_limit)

@@ -159,6 +159,29 @@ def test_training_with_two_tensor_parallel_ranks_equals_one_rank(cache_dir, tmp_
     assert tp2 == pytest.approx([m["lm_loss"] for m in single.history], rel=1e-4)
 
 
+def _train_ep2(rank, world_size, cache_dir, out_dir):
+    from dsv4.parallel.state import init_distributed
+
+    init_distributed(ep=2)
+    cfg = config(cache_dir, os.path.join(out_dir, "ep2"), *DP_COMMON, "data.micro_batch_size=2", "parallel.ep=2")
+    history = loop.train(cfg).history
+    if rank == 0:
+        with open(os.path.join(out_dir, "ep2.json"), "w") as f:
+            json.dump([v for m in history for v in (m["lm_loss"], m["grad_norm"])], f)
+
+
+def test_training_with_experts_over_two_ranks_equals_one_rank(cache_dir, tmp_path, groups):
+    """Routed experts spread over 2 ranks (tokens sent all-to-all and back), the ranks data-parallel otherwise:
+    the same losses and gradient norms step by step as one rank holding every expert."""
+    from dist_utils import run_workers
+
+    single = loop.train(config(cache_dir, tmp_path / "single", *DP_COMMON, "data.micro_batch_size=4"))
+    run_workers(_train_ep2, 2, cache_dir, str(tmp_path), timeout=300)
+    with open(tmp_path / "ep2.json") as f:
+        ep2 = json.load(f)
+    assert ep2 == pytest.approx([v for m in single.history for v in (m["lm_loss"], m["grad_norm"])], rel=1e-4)
+
+
 def test_nan_loss_is_skipped_without_touching_the_model(cache_dir, tmp_path, groups, monkeypatch):
     """A non-finite loss skips the update (run.on_nan=skip): parameters and expert biases stay as they were."""
     cfg = config(cache_dir, tmp_path / "run", "run.steps=1", "optim.warmup_steps=0", "data.seq_length=128",

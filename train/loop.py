@@ -66,27 +66,26 @@ def build_optimizer(model: torch.nn.Module, cfg: DSV4Config) -> torch.optim.Adam
 
 def build_model(cfg: DSV4Config, groups: ParallelGroups) -> DSV4Model:
     torch.manual_seed(cfg.run.seed)
-    return DSV4Model(cfg.model, groups.tp, params_dtype=DTYPES[cfg.precision.params_dtype]).train()
+    return DSV4Model(cfg.model, groups.tp, params_dtype=DTYPES[cfg.precision.params_dtype],
+                     ep_group=groups.ep if cfg.parallel.ep > 1 else None).train()
 
 
 # --- one step ------------------------------------------------------------------------------------------------------
 
-def grad_norm(model: torch.nn.Module, tp_group: dist.ProcessGroup) -> torch.Tensor:
-    """Global L2 norm of the gradients: tensor-parallel shards summed over the group, replicated tensors once."""
-    sharded = replicated = None
-    for p in model.parameters():
-        if p.grad is None:
-            continue
-        sq = p.grad.detach().float().square().sum()
-        if getattr(p, "tensor_model_parallel", False):
-            sharded = sq if sharded is None else sharded + sq
-        else:
-            replicated = sq if replicated is None else replicated + sq
+def grad_norm(model: torch.nn.Module, groups: ParallelGroups) -> torch.Tensor:
+    """Global L2 norm of the gradients: tensor-parallel shards summed over the tensor-parallel group, routed experts
+    over the expert-parallel group (each rank holds its own), replicated tensors counted once."""
     zero = torch.zeros((), device=next(model.parameters()).device)
-    sharded = zero if sharded is None else sharded
-    if dist.get_world_size(tp_group) > 1:
-        dist.all_reduce(sharded, group=tp_group)
-    return (sharded + (zero if replicated is None else replicated)).sqrt()
+    sums = {"tp": zero, "ep": zero, "replicated": zero}
+    for p in model.parameters():
+        if p.grad is not None:
+            kind = ("tp" if getattr(p, "tensor_model_parallel", False)
+                    else "ep" if not getattr(p, "allreduce", True) else "replicated")
+            sums[kind] = sums[kind] + p.grad.detach().float().square().sum()
+    for kind, group in (("tp", groups.tp), ("ep", groups.ep)):
+        if dist.get_world_size(group) > 1:
+            dist.all_reduce(sums[kind], group=group)
+    return (sums["tp"] + sums["ep"] + sums["replicated"]).sqrt()
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -94,14 +93,17 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def average_gradients(model: torch.nn.Module, dp_group: dist.ProcessGroup) -> None:
-    """Data parallelism: every replica applies the mean gradient (megatron's DDP replaces this later)."""
-    if dist.get_world_size(dp_group) == 1:
+def average_gradients(model: torch.nn.Module, groups: ParallelGroups) -> None:
+    """Data parallelism: every replica applies the mean gradient over the dp data shards (megatron's DDP replaces
+    this later). A routed expert's gradient already sums the tokens its expert-parallel group sent it, so it is
+    summed over the ranks holding the same expert (expert data parallel) and divided by the same dp."""
+    dp = dist.get_world_size(groups.dp)
+    if dp == 1:
         return
     for p in model.parameters():
         if p.grad is not None:
-            dist.all_reduce(p.grad, group=dp_group)
-            p.grad /= dist.get_world_size(dp_group)
+            dist.all_reduce(p.grad, group=groups.dp if getattr(p, "allreduce", True) else groups.edp)
+            p.grad /= dp
 
 
 def expert_loads(model: DSV4Model) -> dict:
@@ -148,8 +150,8 @@ def train_step(model: DSV4Model, optimizer: torch.optim.Optimizer, batches: list
         values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=device)
         dist.all_reduce(values, group=groups.dp)
         metrics = dict(zip(metrics, (values / groups.dp_size).tolist()))
-    average_gradients(model, groups.dp)
-    norm = grad_norm(model, groups.tp)
+    average_gradients(model, groups)
+    norm = grad_norm(model, groups)
     finite = torch.tensor([float(math.isfinite(metrics["loss"]) and torch.isfinite(norm).item())], device=device)
     dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     metrics.update(lr=lr, grad_norm=norm.item(), mtp_weight=w_mtp, tokens=tokens * groups.dp_size,
@@ -201,7 +203,7 @@ def evaluate(model: DSV4Model, batches, groups: ParallelGroups) -> dict:
 
 def train(cfg: DSV4Config, run_dir: Optional[str] = None) -> TrainResult:
     """Train `cfg.run.steps` optimizer steps; `cfg` must be validated (compose_config / to_config do it)."""
-    groups = init_distributed(tp=cfg.parallel.tp)
+    groups = init_distributed(tp=cfg.parallel.tp, ep=cfg.parallel.ep)
     run_dir = run_dir or cfg.run.output_dir
     rank0 = dist.get_rank() == 0
     model = build_model(cfg, groups)
