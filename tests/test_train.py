@@ -109,77 +109,38 @@ def test_gradient_accumulation_equals_one_big_micro_batch(cache_dir, tmp_path, g
         assert ma["lm_loss"] == pytest.approx(mb["lm_loss"], rel=1e-4)
 
 
-def _train_dp2(rank, world_size, cache_dir, out_dir):
-    from dsv4.parallel.state import init_distributed
-
-    init_distributed()
-    cfg = config(cache_dir, os.path.join(out_dir, "dp2"), *DP_COMMON, "data.micro_batch_size=2")
-    history = loop.train(cfg).history
-    if rank == 0:
-        with open(os.path.join(out_dir, "dp2.json"), "w") as f:
-            json.dump([m["lm_loss"] for m in history], f)
-
-
 DP_COMMON = ["run.steps=3", "optim.warmup_steps=1", "data.seq_length=128", "data.global_batch_size=4",
              "run.eval_interval=0"]
 
 
-def test_two_data_parallel_ranks_equal_one_rank(cache_dir, tmp_path, groups):
-    """2 replicas x micro-batch 2 (gradients averaged, expert loads summed) == 1 rank x micro-batch 4."""
-    from dist_utils import run_workers
-
-    single = loop.train(config(cache_dir, tmp_path / "single", *DP_COMMON, "data.micro_batch_size=4"))
-    run_workers(_train_dp2, 2, cache_dir, str(tmp_path), timeout=300)
-    with open(tmp_path / "dp2.json") as f:
-        dp2 = json.load(f)
-    assert dp2 == pytest.approx([m["lm_loss"] for m in single.history], rel=1e-4)
-
-
-def _train_tp2(rank, world_size, cache_dir, out_dir):
+def _train_on_two_ranks(rank, world_size, cache_dir, out_dir, layout: dict, overrides: list):
+    """A worker: init_distributed(**layout), train, and (rank 0) write each step's LM loss and gradient norm."""
     from dsv4.parallel.state import init_distributed
 
-    init_distributed(tp=2)
-    cfg = config(cache_dir, os.path.join(out_dir, "tp2"), *DP_COMMON, "data.micro_batch_size=4",
-                 "parallel.tp=2")
-    history = loop.train(cfg).history
+    init_distributed(**layout)
+    history = loop.train(config(cache_dir, os.path.join(out_dir, "run"), *DP_COMMON, *overrides)).history
     if rank == 0:
-        with open(os.path.join(out_dir, "tp2.json"), "w") as f:
-            json.dump([m["lm_loss"] for m in history], f)
-
-
-def test_training_with_two_tensor_parallel_ranks_equals_one_rank(cache_dir, tmp_path, groups):
-    """Heads, indexer heads, output groups and vocabulary split over 2 ranks: the same losses step by step
-    (gradient norm and clipping over the split parameters included)."""
-    from dist_utils import run_workers
-
-    single = loop.train(config(cache_dir, tmp_path / "single", *DP_COMMON, "data.micro_batch_size=4"))
-    run_workers(_train_tp2, 2, cache_dir, str(tmp_path), timeout=300)
-    with open(tmp_path / "tp2.json") as f:
-        tp2 = json.load(f)
-    assert tp2 == pytest.approx([m["lm_loss"] for m in single.history], rel=1e-4)
-
-
-def _train_ep2(rank, world_size, cache_dir, out_dir):
-    from dsv4.parallel.state import init_distributed
-
-    init_distributed(ep=2)
-    cfg = config(cache_dir, os.path.join(out_dir, "ep2"), *DP_COMMON, "data.micro_batch_size=2", "parallel.ep=2")
-    history = loop.train(cfg).history
-    if rank == 0:
-        with open(os.path.join(out_dir, "ep2.json"), "w") as f:
+        with open(os.path.join(out_dir, "history.json"), "w") as f:
             json.dump([v for m in history for v in (m["lm_loss"], m["grad_norm"])], f)
 
 
-def test_training_with_experts_over_two_ranks_equals_one_rank(cache_dir, tmp_path, groups):
-    """Routed experts spread over 2 ranks (tokens sent all-to-all and back), the ranks data-parallel otherwise:
-    the same losses and gradient norms step by step as one rank holding every expert."""
+@pytest.mark.parametrize("name, layout, overrides", [
+    # 2 replicas x micro-batch 2, gradients averaged and expert loads summed over data parallel.
+    ("data parallel", {}, ["data.micro_batch_size=2"]),
+    # Heads, indexer heads, output groups and vocabulary split over 2 ranks (norm and clipping over the shards).
+    ("tensor parallel", {"tp": 2}, ["data.micro_batch_size=4", "parallel.tp=2"]),
+    # Routed experts spread over 2 ranks (rows sent all-to-all and back), data parallel otherwise.
+    ("expert parallel", {"ep": 2}, ["data.micro_batch_size=2", "parallel.ep=2"]),
+])
+def test_two_ranks_train_like_one(cache_dir, tmp_path, groups, name, layout, overrides):
+    """The same LM losses and gradient norms, step by step, as one rank with micro-batch 4 and every expert."""
     from dist_utils import run_workers
 
     single = loop.train(config(cache_dir, tmp_path / "single", *DP_COMMON, "data.micro_batch_size=4"))
-    run_workers(_train_ep2, 2, cache_dir, str(tmp_path), timeout=300)
-    with open(tmp_path / "ep2.json") as f:
-        ep2 = json.load(f)
-    assert ep2 == pytest.approx([v for m in single.history for v in (m["lm_loss"], m["grad_norm"])], rel=1e-4)
+    run_workers(_train_on_two_ranks, 2, cache_dir, str(tmp_path), layout, overrides, timeout=300)
+    with open(tmp_path / "history.json") as f:
+        two = json.load(f)
+    assert two == pytest.approx([v for m in single.history for v in (m["lm_loss"], m["grad_norm"])], rel=1e-4)
 
 
 def test_nan_loss_is_skipped_without_touching_the_model(cache_dir, tmp_path, groups, monkeypatch):
