@@ -19,6 +19,12 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the key and the fix."""
 
 
+def require(cond: bool, key: str, msg: str) -> None:
+    """Raise ConfigError("<key>: <msg>") unless `cond`: the one shape of every config check."""
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
 def _flash_schedule() -> List[int]:
     # V4-Flash (spec section 1): 2 SWA-only, then CSA/HCA alternating, a last CSA, and the SWA-only MTP layer.
     return [0, 0] + [4, 128] * 20 + [4] + [0]
@@ -168,8 +174,7 @@ class ModelConfig:
         """Reject impossible combinations; `seq_length` enables the checks that depend on it."""
 
         def need(cond: bool, key: str, msg: str) -> None:
-            if not cond:
-                raise ConfigError(f"model.{key}: {msg}")
+            require(cond, f"model.{key}", msg)
 
         for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim", "q_lora_rank", "o_groups",
                     "o_lora_rank", "sliding_window", "csa_ratio", "hca_ratio", "index_n_heads", "index_head_dim",
