@@ -2,7 +2,7 @@
 
     python bench/parallel_layouts.py [--steps 12] [--out bench/parallel_layouts.json]
 
-Every layout trains the same debug model on the same global batches (8 x 256 tokens of the embedded corpus) for
+Every layout trains the same debug model on the same global batches (12 x 256 tokens of the embedded corpus) for
 `--steps` optimizer steps, one after another on this machine; tokens/s is the median over the steps after the first
 two, peak memory the largest resident set of any rank. Each rank gets cores / ranks intra-op threads so layouts
 with more ranks do not oversubscribe the CPU. On a CPU the communication is gloo over loopback: the ratios say
@@ -22,28 +22,36 @@ import time
 
 import torch.multiprocessing as mp
 
-LAYOUTS = {  # name: (ranks, init_distributed kwargs, config overrides)
-    "single": (1, {}, ["data.micro_batch_size=8"]),
-    "dp2": (2, {}, ["data.micro_batch_size=4"]),
-    "tp2": (2, {"tp": 2}, ["data.micro_batch_size=8", "parallel.tp=2"]),
-    "ep2": (2, {"ep": 2}, ["data.micro_batch_size=4", "parallel.ep=2"]),
+LAYOUTS = {  # name: (ranks, config overrides); 3 micro-batches per replica, 12 sequences per step
+    "single": (1, ["data.micro_batch_size=4"]),
+    "dp2 (distributed optimizer)": (2, ["data.micro_batch_size=2"]),
+    "dp2 (plain DDP)": (2, ["data.micro_batch_size=2", "parallel.distributed_optimizer=false"]),
+    "tp2 + sp": (2, ["data.micro_batch_size=4", "parallel.tp=2"]),
+    "tp2 (no sp)": (2, ["data.micro_batch_size=4", "parallel.tp=2", "parallel.sp=false"]),
+    "pp2 (1F1B)": (2, ["data.micro_batch_size=4", "parallel.pp=2"]),
+    "pp3 vpp2 (interleaved)": (3, ["data.micro_batch_size=4", "parallel.pp=3", "parallel.vpp=2",
+                                   "run.eval_iters=3"]),
+    "ep2": (2, ["data.micro_batch_size=2", "parallel.ep=2"]),
+    "ep2 etp2": (4, ["data.micro_batch_size=1", "parallel.ep=2", "parallel.etp=2"]),
+    "tp2 pp2": (4, ["data.micro_batch_size=4", "parallel.tp=2", "parallel.pp=2"]),
+    "tp2 ep2": (4, ["data.micro_batch_size=2", "parallel.tp=2", "parallel.ep=2"]),
+    "tp2 pp2 ep2 dp2": (8, ["data.micro_batch_size=2", "parallel.tp=2", "parallel.pp=2", "parallel.ep=2"]),
 }
 
 
-def _rank(rank, world, port, layout, overrides, steps, cache, out_dir, results):
+def _rank(rank, world, port, overrides, steps, cache, out_dir, results):
     import torch
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     from dsv4.conf.schema import compose_config
-    from dsv4.parallel.state import init_distributed
     from dsv4.train import loop
 
-    init_distributed(**layout)
     cfg = compose_config("debug", [f"data.cache_dir={cache}", f"run.output_dir={out_dir}", f"run.steps={steps}",
                                    "optim.warmup_steps=1", "run.eval_interval=0", "run.progress_bar=false",
-                                   "data.seq_length=256", "data.global_batch_size=8", *overrides])
+                                   "optim.lr=1e-3", "data.seq_length=256", "data.global_batch_size=12", *overrides],
+                         world_size=world)
     history = loop.train(cfg).history
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     results.put((rank, [m["tokens_per_s"] for m in history], peak_mb, [m["lm_loss"] for m in history]))
@@ -52,13 +60,13 @@ def _rank(rank, world, port, layout, overrides, steps, cache, out_dir, results):
 def run_layout(name, steps, cache, tmp):
     import socket
 
-    world, layout, overrides = LAYOUTS[name]
+    world, overrides = LAYOUTS[name]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
-    procs = [ctx.Process(target=_rank, args=(r, world, port, layout, overrides, steps, cache,
+    procs = [ctx.Process(target=_rank, args=(r, world, port, overrides, steps, cache,
                                              os.path.join(tmp, name), results)) for r in range(world)]
     for p in procs:
         p.start()

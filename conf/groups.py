@@ -15,21 +15,52 @@ from dsv4.model.config import require as _need
 
 @dataclass
 class ParallelConfig:
-    """How ranks are laid out: tensor parallel over `tp` ranks, data parallel over the rest of the world, routed
-    experts spread over `ep` of the data-parallel ranks. Pipeline and sequence parallelism come later."""
+    """How ranks are laid out, Megatron style. The dense part of the model is split over tp x pp ranks (one model
+    replica) and replicated over dp = world / (tp * pp) data-parallel ranks; the routed experts use their own grid
+    over the same world: each expert's matrices split over `etp` ranks, the experts spread over `ep` ranks, the
+    same `pp` stages, and expert-data parallel over the rest (world / (etp * ep * pp))."""
 
     tp: int = 1
-    """Tensor-parallel size (query heads, indexer heads, output groups and vocabulary split)."""
+    """Tensor-parallel size (query heads, indexer heads, output groups, vocabulary and the shared expert split)."""
+    sp: bool = True
+    """Sequence parallelism with tensor parallelism: activations outside attention and the MLPs are split along
+    the sequence over the tp ranks (only acts when tp > 1; megatron requires it when tp and ep combine)."""
+    pp: int = 1
+    """Pipeline-parallel size: the layers are cut into this many consecutive stages, one per pipeline rank."""
+    vpp: int = 1
+    """Virtual pipeline stages per pipeline rank: each rank holds this many non-adjacent chunks of layers and runs
+    megatron's interleaved 1F1B schedule when > 1 (a smaller pipeline bubble for more communication)."""
+    pp_layers: List[int] = field(default_factory=list)
+    """Layers per virtual stage, in model order (stage 0 of rank 0, stage 0 of rank 1, ..., pp * vpp entries
+    summing to model.num_layers); empty: an even split."""
     ep: int = 1
-    """Expert-parallel size: the routed experts are spread over this many data-parallel ranks and tokens travel
-    to them all-to-all."""
+    """Expert-parallel size: the routed experts are spread over this many ranks and tokens travel to them
+    all-to-all."""
+    etp: int = 1
+    """Expert-tensor-parallel size: each routed expert's matrices are split over this many ranks."""
+    dp: int = 0
+    """Data-parallel size; 0: derived as world / (tp * pp). When set it must equal that (a check of the launch)."""
+    distributed_optimizer: bool = True
+    """megatron-core's distributed optimizer (ZeRO-1): the optimizer state is sharded over the data-parallel
+    ranks."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduce-scatter/all-reduce with the backward pass (megatron DDP
+    buckets)."""
 
     def validate(self) -> None:
-        _need(self.tp >= 1, "parallel.tp", f"must be >= 1, got {self.tp}")
-        _need(self.ep >= 1, "parallel.ep", f"must be >= 1, got {self.ep}")
-        _need(self.ep == 1 or self.tp == 1, "parallel.ep",
-              f"expert parallelism together with tensor parallelism (tp={self.tp}) is not available yet; set "
-              f"parallel.tp=1 or parallel.ep=1")
+        for key in ("tp", "pp", "vpp", "ep", "etp"):
+            value = getattr(self, key)
+            _need(value >= 1, f"parallel.{key}", f"must be >= 1, got {value}")
+        _need(self.dp >= 0, "parallel.dp", f"must be >= 0 (0: derived from the world size), got {self.dp}")
+        _need(self.vpp == 1 or self.pp > 1, "parallel.vpp",
+              f"{self.vpp} virtual stages with parallel.pp={self.pp}: interleaving needs pipeline stages; set "
+              f"parallel.pp>=3 or vpp=1")
+        _need(all(n >= 1 for n in self.pp_layers), "parallel.pp_layers",
+              f"must all be >= 1 (every virtual stage holds a layer), got {self.pp_layers}")
+        stages = self.pp * self.vpp
+        _need(not self.pp_layers or len(self.pp_layers) == stages, "parallel.pp_layers",
+              f"{len(self.pp_layers)} entries for pp*vpp = {self.pp}*{self.vpp} = {stages} virtual stages; give "
+              f"one per stage or [] for an even split")
 
 
 @dataclass

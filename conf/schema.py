@@ -51,34 +51,83 @@ class DSV4Config:
     """Where the job runs (conf/cluster/*.yaml)."""
 
     def validate(self, world_size: int | None = None) -> "DSV4Config":
-        """Every group's checks, then the ones across groups; `world_size` defaults to $WORLD_SIZE or 1."""
+        """Every group's checks, then the ones across groups; `world_size` defaults to $WORLD_SIZE or 1.
+
+        The layout: tp*pp ranks hold one model replica, dp = world / (tp*pp) replicas; the routed experts use the
+        grid etp*ep*pp over the same world (see ParallelConfig)."""
         for group in (self.parallel, self.optim, self.data, self.precision, self.run, self.cluster):
             group.validate()
         self.model.validate(seq_length=self.data.seq_length)
-        tp = self.parallel.tp
+        par, model, data = self.parallel, self.model, self.data
+        tp, pp, vpp, ep, etp = par.tp, par.pp, par.vpp, par.ep, par.etp
+        # What the model's sizes allow, whatever the world.
         for key in ("num_heads", "o_groups", "index_n_heads", "vocab_size"):
-            if getattr(self.model, key) % tp:
-                raise ConfigError(f"model.{key}: {getattr(self.model, key)} is not divisible by "
+            if getattr(model, key) % tp:
+                raise ConfigError(f"model.{key}: {getattr(model, key)} is not divisible by "
                                   f"parallel.tp={tp}; pick a tensor-parallel size that divides it")
+        shared = model.n_shared_experts * model.moe_intermediate_size
+        if shared % tp:
+            raise ConfigError(f"model.n_shared_experts: the shared experts' {model.n_shared_experts} x "
+                              f"model.moe_intermediate_size={model.moe_intermediate_size} = {shared} hidden units are "
+                              f"split over parallel.tp={tp} ranks and are not divisible by it; pick a "
+                              f"tensor-parallel size that divides {shared}")
+        if model.moe_intermediate_size % etp:
+            raise ConfigError(f"model.moe_intermediate_size: {model.moe_intermediate_size} is not divisible by "
+                              f"parallel.etp={etp}; pick an expert-tensor-parallel size that divides it")
+        if model.n_routed_experts % ep:
+            raise ConfigError(f"model.n_routed_experts: {model.n_routed_experts} experts cannot be spread over "
+                              f"parallel.ep={ep} ranks; pick an expert-parallel size that divides it")
+        # The rank grids over the world.
         world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
         if world < 1:
             raise ConfigError(f"parallel.tp: cannot lay out {world} ranks; the world size "
                               f"(world_size or $WORLD_SIZE) must be >= 1")
-        if world % tp:
-            raise ConfigError(f"parallel.tp: {tp} does not divide the {world} ranks; launch a multiple "
-                              f"of {tp} ranks or change it")
-        ep = self.parallel.ep
-        if self.model.n_routed_experts % ep:
-            raise ConfigError(f"model.n_routed_experts: {self.model.n_routed_experts} experts cannot be spread over "
-                              f"parallel.ep={ep} ranks; pick an expert-parallel size that divides it")
-        if (world // tp) % ep:
-            raise ConfigError(f"parallel.ep: {ep} does not divide the {world // tp} data-parallel ranks; launch a "
-                              f"multiple of {tp * ep} ranks or change it")
-        per_step = self.data.micro_batch_size * (world // tp)
-        if self.data.global_batch_size % per_step:
-            raise ConfigError(f"data.global_batch_size: {self.data.global_batch_size} is not a multiple of "
-                              f"data.micro_batch_size={self.data.micro_batch_size} x {world // tp} data-parallel "
+        if world % (tp * pp):
+            key = "parallel.tp" if world % tp else "parallel.pp"  # tp when it alone does not divide the world
+            raise ConfigError(f"{key}: tp*pp = {tp}*{pp} = {tp * pp} ranks per model replica do not divide the "
+                              f"{world} ranks; launch a multiple of {tp * pp} ranks or change {key}")
+        dp = world // (tp * pp)
+        if par.dp and par.dp != dp:
+            raise ConfigError(f"parallel.dp: {par.dp} does not match the {world} ranks, which give world / (tp*pp) "
+                              f"= {world}/({tp}*{pp}) = {dp} data-parallel ranks; set parallel.dp={dp} or 0 "
+                              f"(derived)")
+        grid = etp * ep * pp
+        if world % grid:
+            key = "parallel.etp" if world % (etp * pp) else "parallel.ep"  # etp when etp*pp alone does not divide
+            raise ConfigError(f"{key}: the expert grid etp*ep*pp = {etp}*{ep}*{pp} = {grid} does not divide the "
+                              f"{world} ranks; launch a multiple of {grid} ranks or change {key} (the key named is "
+                              f"parallel.etp when etp*pp alone does not divide the ranks, else parallel.ep)")
+        if tp > 1 and ep > 1 and not par.sp:
+            raise ConfigError(f"parallel.sp: expert parallelism (ep={ep}) together with tensor parallelism (tp={tp}) "
+                              f"needs sequence parallelism (megatron requires it); set parallel.sp=true")
+        if tp > 1 and par.sp and data.seq_length % tp:
+            raise ConfigError(f"data.seq_length: {data.seq_length} tokens cannot be split over parallel.tp={tp} "
+                              f"ranks by sequence parallelism; use a multiple of {tp} or set parallel.sp=false")
+        # The pipeline's stages.
+        stages = pp * vpp
+        if stages > model.num_layers:
+            key = "parallel.vpp" if vpp > 1 else "parallel.pp"
+            raise ConfigError(f"{key}: pp*vpp = {pp}*{vpp} = {stages} virtual pipeline stages exceed the "
+                              f"model.num_layers={model.num_layers} layers, and every stage needs one; lower {key}")
+        if par.pp_layers and sum(par.pp_layers) != model.num_layers:
+            raise ConfigError(f"parallel.pp_layers: {par.pp_layers} holds {sum(par.pp_layers)} layers, not "
+                              f"model.num_layers={model.num_layers}; give layer counts summing to "
+                              f"{model.num_layers} or [] for an even split")
+        # Batches.
+        per_step = data.micro_batch_size * dp
+        if data.global_batch_size % per_step:
+            raise ConfigError(f"data.global_batch_size: {data.global_batch_size} is not a multiple of "
+                              f"data.micro_batch_size={data.micro_batch_size} x {dp} data-parallel "
                               f"ranks = {per_step}; use a multiple of {per_step}")
+        micro_batches = data.global_batch_size // per_step
+        if vpp > 1 and micro_batches % pp:
+            raise ConfigError(f"data.global_batch_size: {data.global_batch_size} gives {micro_batches} micro-batches "
+                              f"per step (global / (data.micro_batch_size={data.micro_batch_size} x {dp} "
+                              f"data-parallel ranks)), not a multiple of parallel.pp={pp} as megatron's interleaved "
+                              f"schedule (parallel.vpp={vpp}) requires; use a multiple of {per_step * pp}")
+        if vpp > 1 and self.run.eval_iters % pp:
+            raise ConfigError(f"run.eval_iters: {self.run.eval_iters} validation micro-batches cannot run through the "
+                              f"interleaved schedule of parallel.pp={pp}; use a multiple of {pp}")
         if self.optim.warmup_steps >= self.run.steps and self.optim.schedule != "constant":
             raise ConfigError(f"optim.warmup_steps: {self.optim.warmup_steps} warm-up steps leave no decay in "
                               f"run.steps={self.run.steps}; lower it or run longer")

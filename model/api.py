@@ -42,7 +42,7 @@ def build_model(preset: str | ModelConfig = "debug", overrides: Sequence[str] = 
     cfg = preset if isinstance(preset, ModelConfig) else model_config(preset, overrides)
     groups = groups or init_distributed()
     torch.manual_seed(seed)
-    return DSV4Model(cfg, groups.tp, params_dtype=dtype).eval()
+    return DSV4Model(cfg, groups.tp, params_dtype=dtype, seed=seed).eval()
 
 
 def load_hf(path: str, groups: Optional[ParallelGroups] = None, dtype: torch.dtype = torch.float32,

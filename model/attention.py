@@ -10,8 +10,12 @@ Every query sees the raw tokens of its sliding window (n_win, itself included). 
   `indexer_warmup` phases every visible entry instead.
 In the `indexer_warmup` and `sparse` phases a CSA layer also returns the indexer's KL loss to the main attention.
 
-Query heads (and output groups) are split over the tensor-parallel group; the K=V head and the compressors are
-replicated. The attention itself is computed densely over [window tokens ; compressed entries] with masks, which
+Tensor parallelism: query heads, sinks and output groups are split over the tensor-parallel group; the single
+K=V head, the low-rank query projection and the compressors are replicated: each rank computes them whole (they
+are small) and contributes the partial gradient of its own heads, summed over the group once per step. The layer
+is one tensor-parallel region: x enters replicated (or, under sequence parallelism, all-gathered along the
+sequence, since every query needs the whole window and the compressors pool across the sequence) and leaves
+through the row-parallel `wo_b` (all-reduce, or reduce-scatter under sequence parallelism). The attention itself is computed densely over [window tokens ; compressed entries] with masks, which
 is exact and simple; sparse GPU kernels (FlashMLA-style) are a later, GPU-only path.
 """
 
@@ -22,8 +26,8 @@ import torch.distributed as dist
 from torch import nn
 
 from dsv4.parallel.layers import (ColumnLinear, LayerContext, RowLinear, divide, replicated_linear,
-                                  sharded_parameter)
-from dsv4.parallel.mappings import sum_gradients_over
+                                  sharded_parameter, sum_grads_over_tp)
+from dsv4.parallel.mappings import enter_tp_region
 
 from .compressor import Compressor, LightningIndexer, compressed_visibility, same_document_entries, select_topk
 from .config import ModelConfig
@@ -102,7 +106,7 @@ class Attention(nn.Module):
 
         self.wq_a = replicated_linear(ctx, cfg.hidden_size, cfg.q_lora_rank)
         self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-        self.wq_b = ColumnLinear(ctx, cfg.q_lora_rank, cfg.num_heads * cfg.head_dim)
+        self.wq_b = ColumnLinear(ctx, cfg.q_lora_rank, cfg.num_heads * cfg.head_dim, input_in_region=True)
         self.wkv = replicated_linear(ctx, cfg.hidden_size, cfg.head_dim)
         self.kv_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         # Grouped output projection: group j maps its heads' (h/g * D) outputs to o_lora_rank (wo_a, block
@@ -117,13 +121,17 @@ class Attention(nn.Module):
         self.compressor = None if self.kind == "swa" else Compressor(
             cfg, ctx, self.ratio, cfg.head_dim, overlap=self.kind == "csa")
         self.indexer = LightningIndexer(cfg, ctx) if self.kind == "csa" else None
+        sum_grads_over_tp(ctx, self.wq_a, self.q_norm, self.wkv, self.kv_norm,
+                          *([self.compressor] if self.compressor is not None else []))
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, aux: dict | None = None,
                 doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """x [s, b, d] -> [s, b, d]. Adds the indexer loss to `aux['indexer']` when this layer trains it.
+        """x [s, b, d] -> [s, b, d] (under sequence parallelism [s / tp, b, d] -> [s / tp, b, d]). Adds the indexer
+        loss to `aux['indexer']` when this layer trains it.
 
-        doc_ids [s, b]: sample-level masking of packed documents: a query sees only its own document's window
-        tokens and compressed entries."""
+        doc_ids [s, b] (whole sequence): sample-level masking of packed documents: a query sees only its own
+        document's window tokens and compressed entries."""
+        x = enter_tp_region(x, self.ctx.tp_group, self.ctx.sequence_parallel)  # [s, b, d] on every rank
         s, b, _ = x.shape
         positions = torch.arange(s, device=x.device)
         cos, sin = rope(positions, self.rope_type)
@@ -158,8 +166,6 @@ class Attention(nn.Module):
             keys = torch.cat([kv, compressed], dim=0)
             mask = torch.cat([mask.expand(b, s, s), comp_mask], dim=-1)  # [b, s, s + T]
 
-        # Every rank's heads read the one shared K=V head: its gradient is the sum over all ranks' heads.
-        keys = sum_gradients_over(keys, self.ctx.tp_group)
         q = q.permute(1, 2, 0, 3)  # [b, h, s, D]
         out, probs = sink_attention(q, keys.transpose(0, 1), mask, self.attn_sink, self.scale)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsv4.parallel.layers import LayerContext, replicated_linear
+from dsv4.parallel.layers import LayerContext, replicated_linear, sum_grads_over_tp
 
 from .attention import Attention
 from .config import ModelConfig
@@ -33,10 +33,13 @@ class Block(nn.Module):
         self.ffn_hc = HyperConnection(cfg)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ffn = MoE(cfg, ctx, layer)
+        # Per-token and replicated: under sequence parallelism each rank sees its own tokens only.
+        sum_grads_over_tp(ctx, self.attn_hc, self.attn_norm, self.ffn_hc, self.ffn_norm, sequence_parallel_only=True)
 
     def forward(self, streams: torch.Tensor, token_ids: torch.Tensor, rope: RotaryEmbedding,
                 aux: dict | None = None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """streams [s, b, n, d], token_ids [s, b], doc_ids [s, b] (packed documents) -> streams [s, b, n, d]."""
+        """streams [s, b, n, d] ([s / tp, b, n, d] under sequence parallelism), token_ids [s, b], doc_ids [s, b]
+        (packed documents; both for the whole sequence) -> streams like the input."""
         pre, post, res = self.attn_hc.weights(streams)
         out = self.attn(self.attn_norm(self.attn_hc.collapse(streams, pre)), rope, aux, doc_ids)
         streams = self.attn_hc.expand(out, streams, post, res)
@@ -68,6 +71,8 @@ class MTPBlock(nn.Module):
         self.h_proj = replicated_linear(ctx, cfg.hidden_size, cfg.hidden_size)
         self.block = Block(cfg, ctx, cfg.num_layers + depth - 1)
         self.hc_head = HyperHead(cfg)
+        sum_grads_over_tp(ctx, self.enorm, self.hnorm, self.e_proj, self.h_proj, self.hc_head,
+                          sequence_parallel_only=True)
 
     def forward(self, streams: torch.Tensor, embedded_next: torch.Tensor, token_ids_next: torch.Tensor,
                 rope: RotaryEmbedding, aux: dict | None = None,

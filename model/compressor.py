@@ -118,8 +118,9 @@ class LightningIndexer(nn.Module):
         self.score_scale = cfg.index_head_dim ** -0.5
         self.weight_scale = cfg.index_n_heads ** -0.5
         self.quant_sim, self.fp4_block = cfg.quant_sim, cfg.quant_fp4_block
-        self.wq_b = ColumnLinear(ctx, cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim)
-        self.weights_proj = ColumnLinear(ctx, cfg.hidden_size, cfg.index_n_heads)
+        # Inputs are inside the attention's region (and detached): no communication on the way in.
+        self.wq_b = ColumnLinear(ctx, cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, input_in_region=True)
+        self.weights_proj = ColumnLinear(ctx, cfg.hidden_size, cfg.index_n_heads, input_in_region=True)
         self.compressor = Compressor(cfg, ctx, cfg.csa_ratio, cfg.index_head_dim, overlap=True, for_indexer=True)
 
     def forward(self, x: torch.Tensor, q_latent: torch.Tensor, rope: RotaryEmbedding,

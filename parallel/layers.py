@@ -3,15 +3,25 @@
 Every projection of the model is built here, so switching the implementation (megatron-core's local tensor-parallel
 layers today; TransformerEngine for the FP8 attention blocks on GPU) is a change in this file only.
 
-- column-parallel: output dim split over the tensor-parallel group (q up-projection, indexer heads, head/logits);
-- row-parallel: input dim split, output all-reduced (attention output projection);
+- column-parallel: output dim split over the tensor-parallel group (q up-projection, indexer heads, head/logits,
+  shared expert);
+- row-parallel: input dim split, output all-reduced, or reduce-scattered along the sequence under sequence
+  parallelism (attention output projection, shared expert down-projection);
 - replicated: small projections every tensor-parallel rank holds whole (low-rank q down-projection, the shared
-  K=V head, compressors, router). Their inputs are identical on every rank, so their gradients are too.
+  K=V head, compressors, router, mHC, norms).
+
+Tensor-parallel regions (megatron's convention, with or without sequence parallelism): a region starts where the
+activations enter replicated (no SP: `copy`, all-reduce of the gradient) or gathered along the sequence (SP:
+all-gather, reduce-scatter of the gradient) and ends at a row-parallel layer. Inside a region every rank computes
+*partial* gradients of whatever it uses from its own heads only; replicated parameters used inside a region are
+marked `grad_sum_over_tp` and their gradients are summed over the tensor-parallel group once per step
+(`train.loop.finalize_grads`). Under SP the per-token parameters outside the regions (norms, mHC, router, MTP
+projections) see only this rank's tokens and are marked the same way.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -30,6 +40,22 @@ class LayerContext:
     init_std: float
     ep_group: Optional[dist.ProcessGroup] = None
     """Expert-parallel group the routed experts are spread over (None: every expert on this rank)."""
+    etp_group: Optional[dist.ProcessGroup] = None
+    """Expert-tensor-parallel group each routed expert's matrices are split over (None: whole experts)."""
+    inner_config: Optional[ModelParallelConfig] = None
+    """`mp_config` without sequence parallelism: for column layers whose input is already inside a region."""
+
+    @property
+    def sequence_parallel(self) -> bool:
+        return bool(self.mp_config.sequence_parallel) and self.tp_size > 1
+
+    @property
+    def etp_size(self) -> int:
+        return 1 if self.etp_group is None else dist.get_world_size(self.etp_group)
+
+    @property
+    def etp_rank(self) -> int:
+        return 0 if self.etp_group is None else dist.get_rank(self.etp_group)
 
     @property
     def ep_size(self) -> int:
@@ -53,31 +79,46 @@ class LayerContext:
 
 
 def make_layer_context(tp_group: dist.ProcessGroup, init_std: float, params_dtype: torch.dtype = torch.float32,
-                       ep_group: Optional[dist.ProcessGroup] = None) -> LayerContext:
+                       ep_group: Optional[dist.ProcessGroup] = None, *,
+                       etp_group: Optional[dist.ProcessGroup] = None,
+                       sequence_parallel: bool = False) -> LayerContext:
     """Megatron's ModelParallelConfig for our layers.
+
+    `sequence_parallel` (acts with more than one tensor-parallel rank): activations between tensor-parallel regions
+    are split along the sequence over the tensor-parallel group.
 
     Weights are always initialised on the CPU, as the full (master) tensor sliced to this rank's part, from the
     torch generator: a model built with a given seed is the same on CPU and GPU and for every tensor-parallel size.
     The model moves itself to the GPU afterwards when there is one.
     """
+    tp = dist.get_world_size(tp_group)
     mp_config = ModelParallelConfig(
-        tensor_model_parallel_size=dist.get_world_size(tp_group),
+        tensor_model_parallel_size=tp,
+        sequence_parallel=sequence_parallel and tp > 1,
         params_dtype=params_dtype,
         use_cpu_initialization=True,
         perform_initialization=True,
     )
-    return LayerContext(mp_config, tp_group, init_std, ep_group)
+    inner = replace(mp_config, sequence_parallel=False)
+    return LayerContext(mp_config, tp_group, init_std, ep_group, etp_group, inner)
 
 
 class ColumnLinear(nn.Module):
-    """y = x W^T with W's rows (outputs) split over the tensor-parallel group. No bias (V4 has none)."""
+    """y = x W^T with W's rows (outputs) split over the tensor-parallel group. No bias (V4 has none).
+
+    By default the layer starts a tensor-parallel region: its input is replicated (gradient all-reduced) or, under
+    sequence parallelism, this rank's part of the sequence (all-gathered). With `input_in_region` the input is
+    already inside a region: no communication, and the input's gradient is this rank's partial one.
+    """
 
     def __init__(self, ctx: LayerContext, in_features: int, out_features: int, gather_output: bool = False,
-                 std: Optional[float] = None):
+                 std: Optional[float] = None, input_in_region: bool = False):
         super().__init__()
-        self.linear = ColumnParallelLinear(in_features, out_features, config=ctx.mp_config,
+        self.linear = ColumnParallelLinear(in_features, out_features,
+                                           config=ctx.inner_config if input_in_region else ctx.mp_config,
                                            init_method=ctx.init_method(std), bias=False,
-                                           gather_output=gather_output, tp_group=ctx.tp_group)
+                                           gather_output=gather_output, tp_group=ctx.tp_group,
+                                           disable_grad_reduce=input_in_region)
 
     @property
     def weight(self) -> nn.Parameter:
@@ -88,7 +129,8 @@ class ColumnLinear(nn.Module):
 
 
 class RowLinear(nn.Module):
-    """y = x W^T with W's columns (inputs) split over the tensor-parallel group; the output is all-reduced."""
+    """y = x W^T with W's columns (inputs) split over the tensor-parallel group; ends a region: the output is
+    all-reduced, or reduce-scattered along the sequence under sequence parallelism."""
 
     def __init__(self, ctx: LayerContext, in_features: int, out_features: int, std: Optional[float] = None):
         super().__init__()
@@ -113,9 +155,21 @@ def replicated_linear(ctx: LayerContext, in_features: int, out_features: int,
 
 
 def vocab_embedding(ctx: LayerContext, vocab_size: int, hidden_size: int) -> VocabParallelEmbedding:
-    """Token embedding with the vocabulary split over the tensor-parallel group."""
+    """Token embedding with the vocabulary split over the tensor-parallel group: ids [b, s] -> [b, s, d], or
+    under sequence parallelism this rank's part of the sequence, sequence-first: [s / tp, b, d]."""
     return VocabParallelEmbedding(vocab_size, hidden_size, init_method=ctx.init_method(), config=ctx.mp_config,
-                                  tp_group=ctx.tp_group)
+                                  tp_group=ctx.tp_group, reduce_scatter_embeddings=ctx.sequence_parallel)
+
+
+def sum_grads_over_tp(ctx: LayerContext, *modules: nn.Module, sequence_parallel_only: bool = False) -> None:
+    """Mark every parameter of `modules` as partial per tensor-parallel rank (see the module docstring): always
+    for replicated parameters used inside a region, or (`sequence_parallel_only`) only under sequence parallelism
+    for per-token parameters outside the regions. A no-op with one tensor-parallel rank."""
+    if ctx.tp_size == 1 or (sequence_parallel_only and not ctx.sequence_parallel):
+        return
+    for module in modules:
+        for p in module.parameters():
+            p.grad_sum_over_tp = True
 
 
 def sharded_parameter(ctx: LayerContext, full_shape: tuple[int, ...], partition_dim: int,
@@ -145,4 +199,4 @@ def divide(numerator: int, denominator: int, what: str) -> int:
 
 
 __all__ = ["LayerContext", "make_layer_context", "ColumnLinear", "RowLinear", "replicated_linear",
-           "vocab_embedding", "sharded_parameter", "divide"]
+           "vocab_embedding", "sharded_parameter", "sum_grads_over_tp", "divide"]

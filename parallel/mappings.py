@@ -1,5 +1,6 @@
 """Autograd-aware collectives over a process group passed in: gradient and value sums for tensor parallelism,
-and the row exchange of expert parallelism.
+entering and leaving tensor-parallel regions (with or without sequence parallelism), and the row exchanges of
+expert and expert-tensor parallelism.
 
 megatron-core's `copy_to_` / `reduce_from_tensor_model_parallel_region` all-reduce `tensor.contiguous()` and
 return the original tensor: for a non-contiguous tensor (a transposed gradient, say) the reduced copy is dropped
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region, scatter_to_sequence_parallel_region
 
 
 class _SumGradients(torch.autograd.Function):
@@ -72,3 +74,49 @@ class _AllToAll(torch.autograd.Function):
 def all_to_all(x: torch.Tensor, out_splits: list, in_splits: list, group: dist.ProcessGroup) -> torch.Tensor:
     """Exchange rows of x over `group` (in_splits[r] rows to rank r, out_splits[r] from it), differentiably."""
     return _AllToAll.apply(x, out_splits, in_splits, group)
+
+
+def enter_tp_region(x: torch.Tensor, group: dist.ProcessGroup, sequence_parallel: bool) -> torch.Tensor:
+    """Activations [s(/tp), b, ...] entering a tensor-parallel region: replicated x passes through and its gradient
+    is summed over the group (megatron's `copy_to_tensor_model_parallel_region`); under sequence parallelism this
+    rank's part of the sequence is all-gathered, and the gradient reduce-scattered back."""
+    if dist.get_world_size(group) == 1:
+        return x
+    if sequence_parallel:
+        return gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True, group=group)
+    return _SumGradients.apply(x, group)
+
+
+def split_sequence(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Replicated [s, b, ...] -> this rank's part of the sequence; the gradient is all-gathered back."""
+    if dist.get_world_size(group) == 1:
+        return x
+    return scatter_to_sequence_parallel_region(x, group=group)
+
+
+def join_sequence(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """This rank's part of the sequence -> the replicated [s, b, ...] (all-gather); the gradient, the same on every
+    rank, is split back."""
+    if dist.get_world_size(group) == 1:
+        return x
+    return gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False, group=group)
+
+
+def gather_rows(x: torch.Tensor, counts: list, group: dist.ProcessGroup) -> torch.Tensor:
+    """Concatenate every rank's rows (rank r holds counts[r] of them), differentiably: the backward sums each
+    rank's gradient chunks back to the rank the rows came from (a reduce-scatter of uneven chunks)."""
+    n = dist.get_world_size(group)
+    if n == 1:
+        return x
+    mine = counts[dist.get_rank(group)]
+    return all_to_all(x.repeat(n, *([1] * (x.dim() - 1))), counts, [mine] * n, group)
+
+
+def reduce_scatter_rows(x: torch.Tensor, counts: list, group: dist.ProcessGroup) -> torch.Tensor:
+    """The inverse pattern of `gather_rows`: every rank holds partial results for all rows (rank r's rows are the
+    r-th chunk, counts[r] long); each rank receives its own rows summed over the group."""
+    n = dist.get_world_size(group)
+    if n == 1:
+        return x
+    mine = counts[dist.get_rank(group)]
+    return all_to_all(x, [mine] * n, counts, group).view(n, mine, *x.shape[1:]).sum(0)

@@ -8,10 +8,13 @@ signature and can be tested with groups of its choosing.
 
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as mpu
+
+from dsv4.model.config import ConfigError
 
 from .cpu_compat import enable_cpu_compat
 
@@ -20,15 +23,27 @@ __all__ = ["ParallelGroups", "init_distributed", "destroy_distributed"]
 
 @dataclass(frozen=True)
 class ParallelGroups:
-    """The process groups this rank belongs to: tensor (tp), pipeline (pp), expert (ep) and data
-    (dp) parallel."""
+    """The process groups this rank belongs to.
+
+    Dense part of the model: world = pp x dp x tp (tp fastest). Routed experts: world = pp x edp x ep x etp
+    (megatron-core's expert grid, etp fastest). `vpp` is the number of virtual pipeline stages (model chunks) each
+    pipeline rank holds."""
 
     tp: dist.ProcessGroup
     pp: dist.ProcessGroup
     ep: dist.ProcessGroup
     dp: dist.ProcessGroup
     edp: dist.ProcessGroup
-    """Expert data parallel: the ranks holding the same experts (dp / ep of them)."""
+    """Expert data parallel: the ranks holding the same experts (and the same expert-tensor shard)."""
+    etp: dist.ProcessGroup
+    """Expert tensor parallel: the ranks splitting each routed expert's matrices."""
+    tp_dp: dist.ProcessGroup
+    """Tensor x data parallel: every rank of a pipeline stage; each holds different tokens under sequence
+    parallelism, so per-token statistics (router loads) are summed over it."""
+    embd: Optional[dist.ProcessGroup]
+    """The first and last pipeline stage: both hold the token embedding (input and MTP), kept in sync (None on
+    the stages in between)."""
+    vpp: int = 1
 
     @property
     def tp_size(self) -> int:
@@ -55,6 +70,10 @@ class ParallelGroups:
         return dist.get_rank(self.ep)
 
     @property
+    def etp_size(self) -> int:
+        return dist.get_world_size(self.etp)
+
+    @property
     def dp_size(self) -> int:
         return dist.get_world_size(self.dp)
 
@@ -63,7 +82,8 @@ class ParallelGroups:
         return dist.get_rank(self.dp)
 
 
-def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, backend: str | None = None) -> ParallelGroups:
+def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, etp: int = 1, vpp: int = 1,
+                     backend: str | None = None) -> ParallelGroups:
     """Initialize torch.distributed and megatron's parallel state (if not done yet); return the groups.
 
     Under torchrun (``RANK``/``WORLD_SIZE`` set) the process group comes from the environment.
@@ -75,11 +95,12 @@ def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, backend: str | None 
     ValueError (call ``destroy_distributed()`` first).
     """
     world_size = _world_size()
-    _check_sizes(world_size, tp=tp, pp=pp, ep=ep)
+    backend = backend or (dist.get_backend() if dist.is_initialized() else
+                          "nccl" if torch.cuda.is_available() else "gloo")
+    _check_sizes(world_size, tp=tp, pp=pp, ep=ep, etp=etp, vpp=vpp, backend=backend)
     enable_cpu_compat()
 
     if not dist.is_initialized():
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if _launched_by_torchrun():
             if torch.cuda.is_available():
                 # Before the first collective: megatron allocates on torch.cuda.current_device().
@@ -93,18 +114,22 @@ def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, backend: str | None 
             mpu.get_tensor_model_parallel_world_size(),
             mpu.get_pipeline_model_parallel_world_size(),
             mpu.get_expert_model_parallel_world_size(),
+            mpu.get_expert_tensor_parallel_world_size(),
+            mpu.get_virtual_pipeline_model_parallel_world_size() or 1,
         )
-        if current != (tp, pp, ep):
+        if current != (tp, pp, ep, etp, vpp):
             raise ValueError(
-                "megatron parallel state is already initialized with tp={}, pp={}, ep={}, but "
-                "init_distributed was asked for tp={}, pp={}, ep={}; call destroy_distributed() "
-                "before re-initializing with other sizes.".format(*current, tp, pp, ep)
+                "megatron parallel state is already initialized with tp={}, pp={}, ep={}, etp={}, vpp={}, but "
+                "init_distributed was asked for tp={}, pp={}, ep={}, etp={}, vpp={}; call destroy_distributed() "
+                "before re-initializing with other sizes.".format(*current, tp, pp, ep, etp, vpp)
             )
     else:
         mpu.initialize_model_parallel(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
+            virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
             expert_model_parallel_size=ep,
+            expert_tensor_parallel_size=etp,
         )
 
     return ParallelGroups(
@@ -113,6 +138,10 @@ def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, backend: str | None 
         ep=mpu.get_expert_model_parallel_group(),
         dp=mpu.get_data_parallel_group(),
         edp=mpu.get_expert_data_parallel_group(),
+        etp=mpu.get_expert_tensor_parallel_group(),
+        tp_dp=mpu.get_tensor_and_data_parallel_group(),
+        embd=mpu.get_embedding_group(check_initialized=False),
+        vpp=vpp,
     )
 
 
@@ -143,9 +172,9 @@ def _world_size() -> int:
     return 1
 
 
-def _check_sizes(world_size: int, *, tp: int, pp: int, ep: int) -> None:
+def _check_sizes(world_size: int, *, tp: int, pp: int, ep: int, etp: int, vpp: int, backend: str) -> None:
     """Fail early, naming the sizes, where megatron would fail later or less clearly."""
-    for name, size in (("tp", tp), ("pp", pp), ("ep", ep)):
+    for name, size in (("tp", tp), ("pp", pp), ("ep", ep), ("etp", etp), ("vpp", vpp)):
         if size < 1:
             raise ValueError(f"{name} must be >= 1, got {name}={size}.")
     if world_size % (tp * pp):
@@ -153,9 +182,17 @@ def _check_sizes(world_size: int, *, tp: int, pp: int, ep: int) -> None:
             f"world_size={world_size} is not divisible by tp*pp = {tp}*{pp} = {tp * pp}: launch a "
             f"multiple of {tp * pp} processes (e.g. torchrun --nproc-per-node={tp * pp}) or lower tp/pp."
         )
-    # megatron's expert grid: expert-tensor (= tp here) * expert-model * pipeline parallel.
-    if world_size % (tp * ep * pp):
+    # megatron's expert grid: expert-tensor * expert-model * pipeline parallel.
+    if world_size % (etp * ep * pp):
         raise ValueError(
-            f"world_size={world_size} is not divisible by tp*ep*pp = {tp}*{ep}*{pp} = {tp * ep * pp}: "
-            f"launch a multiple of {tp * ep * pp} processes or lower ep."
+            f"world_size={world_size} is not divisible by etp*ep*pp = {etp}*{ep}*{pp} = {etp * ep * pp}: "
+            f"launch a multiple of {etp * ep * pp} processes or lower ep/etp."
         )
+    if vpp > 1 and pp < 2:
+        raise ValueError(f"vpp={vpp} virtual stages need pipeline parallelism: set pp >= 3 (or vpp=1).")
+    if vpp > 1 and pp == 2 and backend == "gloo":
+        # Measured: with two stages the previous and next stage are the same rank, and gloo pairs the schedule's
+        # batched send/recv in posting order, which swaps the interleaved schedule's messages.
+        raise ConfigError(
+            "parallel.vpp: the interleaved schedule with parallel.pp=2 gives wrong gradients on the gloo backend "
+            "(CPU); use parallel.pp>=3 with vpp>1, or parallel.vpp=1 with pp=2, or run on GPUs (NCCL).")

@@ -29,3 +29,9 @@ def build_model(cfg, groups, seed: int = 0):
 
     torch.manual_seed(seed)
     return DSV4Model(cfg, groups.tp)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One embedded-corpus cache for every test of the session (it takes a few seconds to build)."""
+    return str(tmp_path_factory.mktemp("dsv4-cache"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 import shutil
 from typing import Any
 
@@ -19,9 +20,13 @@ from dsv4.conf.groups import ClusterConfig, DataConfig, OptimConfig, ParallelCon
 from dsv4.conf.schema import _GROUPS, CONF_DIR, DSV4Config, compose_config, register_configs
 from dsv4.model.config import ConfigError, ModelConfig
 
-GROUP_PRESETS = {"model": ["debug", "flash", "pro"], "parallel": ["single"], "optim": ["adamw"], "data": ["embedded"],
-                 "precision": ["bf16", "fp32"], "run": ["default"], "cluster": ["local"]}
+GROUP_PRESETS = {"model": ["debug", "flash", "pro"], "parallel": ["ep2", "pp2", "single", "tp2"], "optim": ["adamw"],
+                 "data": ["embedded"], "precision": ["bf16", "fp32"], "run": ["default"], "cluster": ["local"]}
 """Every preset shipped in conf/<group>/ (the test below checks this list against the folders)."""
+
+LAYOUT_LAUNCH = {"tp2": (2, []), "pp2": (2, []), "ep2": (2, ["data.global_batch_size=8"])}
+"""Parallel presets that need more than one rank: the world size and the overrides they compose with (ep2: 2
+data-parallel ranks x micro-batch 4)."""
 
 FULL_SIZE_OVERRIDES = {"flash": ["data.seq_length=4096"], "pro": ["data.seq_length=4096"]}
 """Flash/Pro keep index_topk=512/1024 entries, which need >= 2048/4096 tokens at csa_ratio 4."""
@@ -144,6 +149,9 @@ def test_group_presets_state_values_only_and_name_their_schema(group, preset):
 def test_every_preset_composes_and_the_config_holds_its_values(group, preset):
     if group == "model":
         cfg = compose_config(preset, FULL_SIZE_OVERRIDES.get(preset, []))
+    elif group == "parallel" and preset in LAYOUT_LAUNCH:
+        world, overrides = LAYOUT_LAUNCH[preset]
+        cfg = compose_config(overrides=[f"{group}={preset}", *overrides], world_size=world)
     else:
         cfg = compose_config(overrides=[f"{group}={preset}"])
     assert isinstance(cfg, DSV4Config) and isinstance(getattr(cfg, group), _GROUPS[group])
@@ -222,7 +230,8 @@ def test_command_line_overrides_of_each_group(overrides, expected):
 
 
 def test_tensor_parallel_override_uses_the_world_size_from_the_environment(monkeypatch):
-    with pytest.raises(ConfigError, match="parallel.tp: 2 does not divide the 1 ranks"):
+    with pytest.raises(ConfigError, match=r"parallel.tp: tp\*pp = 2\*1 = 2 ranks per model replica do not divide the 1 "
+                                          r"ranks; launch a multiple of 2 ranks"):
         compose_config(overrides=["parallel.tp=2"])  # no $WORLD_SIZE: one rank
     monkeypatch.setenv("WORLD_SIZE", "4")  # tp 2 x dp 2: 4 x 2 sequences per micro-step
     cfg = compose_config(overrides=["parallel.tp=2", "data.global_batch_size=8"])
@@ -292,6 +301,9 @@ def test_unknown_key_points_at_the_schema_listing_the_keys(override, group):
     ("model.compress_ratios=[0,0,4,x,4,16,0]", "model.compress_ratios[3]", "int"),
     ("data.seq_length=1.5", "data.seq_length", "int"),
     ("parallel.tp=two", "parallel.tp", "int"),
+    ("parallel.sp=maybe", "parallel.sp", "bool"),
+    ("parallel.pp_layers=[3,x]", "parallel.pp_layers[1]", "int"),
+    ("parallel.pp_layers=3", "parallel.pp_layers", "List[int]"),
     ("optim.lr=fast", "optim.lr", "float"),
     ("optim.warmup_steps=1.5", "optim.warmup_steps", "int"),
     ("data.micro_batch_size=many", "data.micro_batch_size", "int"),
@@ -513,6 +525,46 @@ def test_parallel_tensor_parallel_at_least_one(base, value):
     assert_invalid(changed(base, parallel__tp=value), "parallel.tp", "must be >= 1")
 
 
+@pytest.mark.parametrize("key", ["pp", "vpp", "ep", "etp"])
+@pytest.mark.parametrize("value", [0, -2])
+def test_parallel_sizes_at_least_one(base, key, value):
+    assert_invalid(changed(base, **{f"parallel__{key}": value}), f"parallel.{key}", f"must be >= 1, got {value}")
+
+
+def test_parallel_dp_non_negative_and_zero_derives_it(base):
+    assert_invalid(changed(base, parallel__dp=-1), "parallel.dp", r"must be >= 0 \(0: derived from the world size\)")
+    changed(base, parallel__dp=0).validate(world_size=1)
+
+
+@pytest.mark.parametrize("vpp", [2, 4])
+def test_parallel_vpp_needs_pipeline_stages(base, vpp):
+    assert_invalid(changed(base, parallel__vpp=vpp), "parallel.vpp",
+                   f"{vpp} virtual stages with parallel.pp=1: interleaving needs pipeline stages; set parallel.pp>=3 "
+                   f"or vpp=1")
+
+
+@pytest.mark.parametrize("layers", [[6, 0], [7, -1]])
+def test_parallel_pp_layers_at_least_one_each(base, layers):
+    assert_invalid(changed(base, parallel__pp=2, parallel__pp_layers=layers), "parallel.pp_layers",
+                   r"must all be >= 1 \(every virtual stage holds a layer\)", world_size=2)
+
+
+@pytest.mark.parametrize("pp, vpp, layers, stages", [(2, 1, [6], 2), (2, 1, [2, 2, 2], 2), (3, 2, [2, 2, 2], 6),
+                                                     (1, 1, [3, 3], 1)])
+def test_parallel_pp_layers_one_entry_per_virtual_stage(base, pp, vpp, layers, stages):
+    assert_invalid(changed(base, parallel__pp=pp, parallel__vpp=vpp, parallel__pp_layers=layers),
+                   "parallel.pp_layers", rf"{len(layers)} entries for pp\*vpp = {pp}\*{vpp} = {stages} virtual "
+                   rf"stages; give one per stage or \[\] for an even split", world_size=pp)
+
+
+def test_parallel_single_preset_states_every_field_at_its_default():
+    with open(os.path.join(CONF_DIR, "parallel", "single.yaml")) as f:
+        raw = yaml.safe_load(f)
+    raw.pop("defaults")
+    assert raw == dataclasses.asdict(ParallelConfig())
+    assert list(raw) == [f.name for f in dataclasses.fields(ParallelConfig)]  # in the schema's order
+
+
 # optim
 
 
@@ -725,18 +777,20 @@ def test_tensor_parallel_of_two_and_four_fit_the_debug_model(base):
 @pytest.mark.parametrize("tp, world", [(2, 3), (2, 1), (4, 2), (4, 6)])
 def test_tensor_parallel_divides_the_world_size(base, tp, world):
     cfg = changed(base, parallel__tp=tp, model__o_groups=4)
-    assert_invalid(cfg, "parallel.tp", f"{tp} does not divide the {world} ranks", world_size=world)
+    assert_invalid(cfg, "parallel.tp", rf"tp\*pp = {tp}\*1 = {tp} ranks per model replica do not divide the {world} "
+                   rf"ranks; launch a multiple of {tp} ranks or change parallel.tp", world_size=world)
 
 
 def test_world_size_from_the_environment(base, monkeypatch):
     cfg = changed(base, parallel__tp=2)
-    assert_invalid(cfg, "parallel.tp", "does not divide the 1 ranks", world_size=None)  # unset: 1
+    assert_invalid(cfg, "parallel.tp", "do not divide the 1 ranks", world_size=None)  # unset: 1
     monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(ConfigError, match="parallel.tp: 2 does not divide the 3 ranks"):
+    with pytest.raises(ConfigError, match=r"parallel.tp: tp\*pp = 2\*1 = 2 ranks per model replica do not divide the 3 "
+                                          r"ranks"):
         cfg.validate()
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg.validate()
-    assert_invalid(cfg, "parallel.tp", "does not divide the 3 ranks", world_size=3)  # explicit wins
+    assert_invalid(cfg, "parallel.tp", "do not divide the 3 ranks", world_size=3)  # explicit wins
 
 
 @pytest.mark.parametrize("world", [0, -1])
@@ -774,21 +828,149 @@ def test_warmup_may_cover_the_run_with_a_constant_schedule(base, warmup, steps):
     changed(base, optim__schedule="constant", optim__warmup_steps=warmup, run__steps=steps).validate(world_size=1)
 
 
-# --- expert parallelism ------------------------------------------------------------------------------------------
-
-def test_parallel_ep_at_least_one(base):
-    assert_invalid(changed(base, parallel__ep=0), "parallel.ep", "must be >= 1")
+# --- the parallel layout: tp x pp model replicas times dp, and the expert grid etp x ep x pp -------------------------
 
 
-def test_parallel_ep_with_tp_is_rejected(base):
-    assert_invalid(changed(base, parallel__ep=2, parallel__tp=2), "parallel.ep", "set parallel.tp=1", world_size=4)
+@pytest.mark.parametrize("tp, pp, world", [(2, 2, 6), (2, 2, 2), (1, 2, 3), (1, 3, 4)])
+def test_tensor_times_pipeline_parallel_divides_the_world_size(base, tp, pp, world):
+    # tp divides the world, tp*pp does not: the pipeline size is named.
+    cfg = changed(base, parallel__tp=tp, parallel__pp=pp)
+    assert_invalid(cfg, "parallel.pp", rf"tp\*pp = {tp}\*{pp} = {tp * pp} ranks per model replica do not divide the "
+                   rf"{world} ranks; launch a multiple of {tp * pp} ranks or change parallel.pp", world_size=world)
+
+
+def test_tensor_times_pipeline_names_tp_when_tp_alone_does_not_divide(base):
+    assert_invalid(changed(base, parallel__tp=2, parallel__pp=3), "parallel.tp",
+                   r"tp\*pp = 2\*3 = 6 ranks per model replica do not divide the 9 ranks", world_size=9)
+
+
+@pytest.mark.parametrize("dp, world, derived", [(2, 8, 4), (8, 8, 4), (1, 4, 2)])
+def test_explicit_dp_matches_the_derived_one(base, dp, world, derived):
+    cfg = changed(base, parallel__tp=2, parallel__dp=dp, data__global_batch_size=32)
+    assert_invalid(cfg, "parallel.dp", rf"{dp} does not match the {world} ranks, which give world / \(tp\*pp\) = "
+                   rf"{world}/\(2\*1\) = {derived} data-parallel ranks; set parallel.dp={derived} or 0 \(derived\)",
+                   world_size=world)
+    changed(cfg, parallel__dp=derived).validate(world_size=world)
+    changed(cfg, parallel__dp=0).validate(world_size=world)
+
+
+def test_explicit_dp_is_the_data_parallel_size_with_pipelines(base):
+    cfg = changed(base, parallel__tp=2, parallel__pp=2, parallel__dp=2, data__global_batch_size=8)
+    cfg.validate(world_size=8)
+    assert_invalid(changed(cfg, parallel__dp=4), "parallel.dp", "set parallel.dp=2", world_size=8)
 
 
 def test_parallel_ep_divides_the_experts(base):  # debug: 8 routed experts
     assert_invalid(changed(base, parallel__ep=3), "model.n_routed_experts", "parallel.ep=3", world_size=3)
 
 
-def test_parallel_ep_divides_the_data_parallel_ranks(base):
-    assert_invalid(changed(base, parallel__ep=4), "parallel.ep", "does not divide the 2 data-parallel ranks",
+def test_expert_tensor_parallel_divides_moe_intermediate_size(base):  # debug: moe_intermediate_size 32
+    assert_invalid(changed(base, parallel__etp=3), "model.moe_intermediate_size",
+                   "32 is not divisible by parallel.etp=3; pick an expert-tensor-parallel size that divides it",
+                   world_size=3)
+    assert_invalid(changed(base, parallel__etp=2, model__moe_intermediate_size=48, parallel__ep=1), "parallel.etp",
+                   world_size=3)  # 48 splits over 2, but 2 ranks do not divide 3
+
+
+def test_shared_expert_is_split_over_tensor_parallel(base):  # debug: 1 shared expert of 32
+    cfg = changed(base, parallel__tp=2, model__moe_intermediate_size=33)
+    assert_invalid(cfg, "model.n_shared_experts", r"the shared experts' 1 x model.moe_intermediate_size=33 = 33 hidden "
+                   r"units are split over parallel.tp=2 ranks and are not divisible by it; pick a tensor-parallel size "
+                   r"that divides 33", world_size=2)
+    changed(cfg, model__n_shared_experts=0).validate(world_size=2)  # no shared expert: nothing to split
+    changed(cfg, model__n_shared_experts=2).validate(world_size=2)  # 2 x 33 = 66 splits over 2
+
+
+@pytest.mark.parametrize("ep, etp, pp, world, key", [
+    (4, 1, 1, 2, "parallel.ep"),
+    (2, 1, 1, 3, "parallel.ep"),
+    (2, 2, 1, 2, "parallel.ep"),  # etp*pp = 2 divides the 2 ranks; ep is the one too many
+    (2, 1, 2, 2, "parallel.ep"),
+    (1, 2, 1, 3, "parallel.etp"),  # etp alone does not divide the 3 ranks
+    (2, 2, 1, 6, "parallel.ep"),
+    (1, 4, 2, 6, "parallel.etp"),  # tp*pp = 2 divides 6, etp*pp = 8 does not
+])
+def test_expert_grid_divides_the_world_size(base, ep, etp, pp, world, key):
+    cfg = changed(base, parallel__ep=ep, parallel__etp=etp, parallel__pp=pp)
+    grid = ep * etp * pp
+    assert_invalid(cfg, key, rf"the expert grid etp\*ep\*pp = {etp}\*{ep}\*{pp} = {grid} does not divide the {world} "
+                   rf"ranks; launch a multiple of {grid} ranks or change {key}", world_size=world)
+
+
+def test_expert_with_tensor_parallel_needs_sequence_parallel(base):
+    cfg = changed(base, parallel__tp=2, parallel__ep=2, parallel__sp=False, data__global_batch_size=8)
+    assert_invalid(cfg, "parallel.sp", r"expert parallelism \(ep=2\) together with tensor parallelism \(tp=2\) needs "
+                   r"sequence parallelism \(megatron requires it\); set parallel.sp=true", world_size=4)
+    changed(cfg, parallel__sp=True).validate(world_size=4)
+    changed(cfg, parallel__tp=1, data__global_batch_size=16).validate(world_size=4)  # ep alone: no tp to pair with
+    changed(cfg, parallel__ep=1).validate(world_size=4)  # tp alone may go without sp
+
+
+def test_sequence_parallel_splits_the_sequence_over_tensor_parallel(base):
+    cfg = changed(base, parallel__tp=2, data__seq_length=255)
+    assert_invalid(cfg, "data.seq_length", "255 tokens cannot be split over parallel.tp=2 ranks by sequence "
+                   "parallelism; use a multiple of 2 or set parallel.sp=false", world_size=2)
+    changed(cfg, parallel__sp=False).validate(world_size=2)
+    changed(cfg, parallel__tp=1).validate(world_size=1)  # sp only acts with tp > 1
+
+
+@pytest.mark.parametrize("pp, vpp, key", [(7, 1, "parallel.pp"), (4, 2, "parallel.vpp"), (3, 3, "parallel.vpp")])
+def test_virtual_pipeline_stages_within_the_layers(base, pp, vpp, key):  # debug: 6 layers
+    cfg = changed(base, parallel__pp=pp, parallel__vpp=vpp)
+    assert_invalid(cfg, key, rf"pp\*vpp = {pp}\*{vpp} = {pp * vpp} virtual pipeline stages exceed the "
+                   rf"model.num_layers=6 layers, and every stage needs one; lower {key}", world_size=pp)
+
+
+@pytest.mark.parametrize("layers", [[3, 2], [4, 4], [1, 6]])
+def test_pp_layers_sum_to_the_layers(base, layers):
+    cfg = changed(base, parallel__pp=2, parallel__pp_layers=layers)
+    assert_invalid(cfg, "parallel.pp_layers", re.escape(f"{layers} holds {sum(layers)} layers, not model.num_layers=6; "
+                                                        f"give layer counts summing to 6 or [] for an even split"),
                    world_size=2)
-    changed(base, parallel__ep=2, data__global_batch_size=16).validate(world_size=4)
+
+
+@pytest.mark.parametrize("global_batch, micro_batches", [(4, 1), (8, 2), (16, 4)])
+def test_interleaved_pipeline_needs_micro_batches_a_multiple_of_pp(base, global_batch, micro_batches):
+    # pp 3 x vpp 2 on 3 ranks: dp 1, micro-batch 4.
+    cfg = changed(base, parallel__pp=3, parallel__vpp=2, data__global_batch_size=global_batch)
+    assert_invalid(cfg, "data.global_batch_size", rf"{global_batch} gives {micro_batches} micro-batches per step "
+                   rf"\(global / \(data.micro_batch_size=4 x 1 data-parallel ranks\)\), not a multiple of "
+                   rf"parallel.pp=3 as megatron's interleaved schedule \(parallel.vpp=2\) requires; use a multiple of "
+                   rf"12", world_size=3)
+    changed(cfg, parallel__vpp=1).validate(world_size=3)  # plain 1F1B takes any number of micro-batches
+
+
+def test_interleaved_pipeline_needs_eval_iters_a_multiple_of_pp(base):
+    cfg = changed(base, parallel__pp=3, parallel__vpp=2, data__global_batch_size=12, run__eval_iters=4)
+    assert_invalid(cfg, "run.eval_iters", r"4 validation micro-batches cannot run through the interleaved schedule "
+                   r"of parallel.pp=3; use a multiple of 3", world_size=3)
+    changed(cfg, run__eval_iters=3).validate(world_size=3)
+    changed(cfg, parallel__vpp=1).validate(world_size=3)
+
+
+@pytest.mark.parametrize("tp, pp, vpp, ep, etp, world, global_batch, layers", [
+    (2, 2, 1, 1, 1, 8, 8, []),  # dp 2
+    (2, 1, 1, 2, 1, 4, 8, []),  # tp and ep combined with sequence parallelism (the default)
+    (1, 3, 2, 1, 1, 3, 12, []),  # interleaved: 6 virtual stages of one layer, 3 micro-batches
+    (1, 3, 2, 1, 1, 3, 24, [1, 1, 1, 1, 1, 1]),
+    (1, 2, 2, 1, 1, 2, 8, []),  # pp 2 with vpp: a valid config (only the gloo backend rejects it, at run time)
+    (1, 2, 1, 1, 1, 2, 4, [4, 2]),  # uneven stages
+    (1, 1, 1, 2, 2, 4, 16, []),  # each expert over 2 ranks, experts over 2 ranks
+    (2, 2, 1, 2, 2, 8, 8, [2, 4]),  # everything at once: dp 2, expert grid 2*2*2
+    (1, 6, 1, 1, 1, 6, 4, []),  # one layer per stage
+])
+def test_parallel_layouts_that_fit_the_debug_model(base, tp, pp, vpp, ep, etp, world, global_batch, layers):
+    cfg = changed(base, parallel__tp=tp, parallel__pp=pp, parallel__vpp=vpp, parallel__ep=ep, parallel__etp=etp,
+                  parallel__pp_layers=layers, data__global_batch_size=global_batch, run__eval_iters=6)
+    assert cfg.validate(world_size=world) is cfg
+    changed(cfg, parallel__dp=world // (tp * pp)).validate(world_size=world)  # dp given explicitly and matching
+
+
+@pytest.mark.parametrize("preset, world, values", [
+    ("tp2", 2, {"tp": 2}), ("pp2", 2, {"pp": 2}), ("ep2", 4, {"ep": 2}),
+])
+def test_layout_presets_compose_at_their_world_size(preset, world, values):
+    cfg = compose_config(overrides=[f"parallel={preset}", "data.global_batch_size=16"], world_size=world)
+    assert cfg.parallel == ParallelConfig(**values)
+    with pytest.raises(ConfigError):
+        compose_config(overrides=[f"parallel={preset}", "data.global_batch_size=16"], world_size=1)

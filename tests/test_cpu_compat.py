@@ -179,9 +179,24 @@ def _single_process_worker():
 
     with pytest.raises(ValueError, match=r"world_size=1 is not divisible by tp\*pp = 2\*1 = 2"):
         init_distributed(tp=2)
-    with pytest.raises(ValueError, match=r"world_size=1 is not divisible by tp\*ep\*pp = 1\*2\*1 = 2"):
+    with pytest.raises(ValueError, match=r"world_size=1 is not divisible by etp\*ep\*pp = 1\*2\*1 = 2"):
         init_distributed(ep=2)
+    with pytest.raises(ValueError, match=r"world_size=1 is not divisible by etp\*ep\*pp = 2\*1\*1 = 2"):
+        init_distributed(etp=2)
     assert not dist.is_initialized()  # sizes are checked before anything is set up
+
+
+def test_interleaved_two_stage_pipeline_is_rejected_on_gloo_only():
+    """Interleaving with pp=2 gives wrong gradients on gloo (measured): a clear error there, allowed on NCCL."""
+    from dsv4.model.config import ConfigError
+    from dsv4.parallel.state import _check_sizes
+
+    with pytest.raises(ConfigError, match=r"parallel.vpp: .*pp=2 gives wrong gradients on the gloo backend"):
+        _check_sizes(4, tp=1, pp=2, ep=1, etp=1, vpp=2, backend="gloo")
+    _check_sizes(4, tp=1, pp=2, ep=1, etp=1, vpp=2, backend="nccl")
+    _check_sizes(6, tp=1, pp=3, ep=1, etp=1, vpp=2, backend="gloo")
+    with pytest.raises(ValueError, match=r"vpp=2 virtual stages need pipeline parallelism"):
+        _check_sizes(2, tp=1, pp=1, ep=1, etp=1, vpp=2, backend="gloo")
 
 
 class _AllocatesOnCudaInBackward(torch.autograd.Function):

@@ -1,9 +1,11 @@
 """The training loop: build, then one explicit step function repeated, with logging and evaluation.
 
-    build:  config -> process groups -> model -> optimizer -> data -> run folder
-    step:   attention phase for the step -> LR -> for each micro-batch: forward (LM + MTP + balance + indexer
-            losses), backward -> data-parallel gradient average -> non-finite check -> clip -> optimizer step
-            -> expert-bias update
+    build:  config -> process groups -> model chunks (pipeline stages) in megatron DDP -> megatron optimizer
+            (distributed: ZeRO-1) -> data -> run folder
+    step:   attention phase for the step -> LR -> megatron-core schedule: forward (LM + MTP + balance + indexer
+            losses) and backward of every micro-batch, pipelined over the stages -> gradient finalisation
+            (data-parallel reduction, tensor-parallel partial sums, shared embedding) -> non-finite check -> clip
+            -> optimizer step -> expert-bias update
     then:   log (TensorBoard, progress) -> evaluate every run.eval_interval steps
 """
 
@@ -19,9 +21,18 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron.core.distributed import DistributedDataParallel as DDP
+from megatron.core.distributed import DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
+from megatron.core.optimizer_param_scheduler import ParamGroupOverride
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
 from dsv4.conf.schema import DSV4Config
 from dsv4.model.moe import Router, update_expert_bias
-from dsv4.model.transformer import DSV4Model
+from dsv4.model.transformer import DSV4Model, ModelOutput, combine_stats, pipeline_stages
+from dsv4.parallel.grads import finalize_grads
 from dsv4.parallel.state import ParallelGroups, init_distributed
 
 from .data import build_data
@@ -53,112 +64,188 @@ def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
     return param.dim() < 2 or name.endswith(".ape")
 
 
-def build_optimizer(model: torch.nn.Module, cfg: DSV4Config) -> torch.optim.AdamW:
-    """AdamW with two explicit parameter groups: decayed matrices, and everything else without decay."""
-    decay, plain = [], []
-    for name, p in model.named_parameters():
-        (plain if no_weight_decay(name, p) else decay).append(p)
+def build_model(cfg: DSV4Config, groups: ParallelGroups) -> list:
+    """This rank's model chunks (one per virtual pipeline stage), wrapped in megatron-core's DDP.
+
+    DDP keeps the gradients in contiguous fp32 buffers (`main_grad`) and reduces them over the data-parallel
+    group(s): all-reduce, or reduce-scatter with the distributed optimizer (ZeRO-1), overlapped with the backward
+    pass in buckets when `parallel.overlap_grad_reduce` is set."""
+    p = cfg.parallel
+    chunks = [DSV4Model(cfg.model, groups.tp, params_dtype=DTYPES[cfg.precision.params_dtype],
+                        ep_group=groups.ep if p.ep > 1 else None, etp_group=groups.etp if p.etp > 1 else None,
+                        sequence_parallel=p.sp, stage=stage, seed=cfg.run.seed).train()
+              for stage in pipeline_stages(cfg.model.num_layers, p.pp, groups.pp_rank, p.vpp, p.pp_layers)]
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=p.overlap_grad_reduce,
+                                               use_distributed_optimizer=p.distributed_optimizer)
+    # Only the first chunk gets buckets (megatron's convention: later chunks' reduction is not overlapped).
+    wrapped = [DDP(chunk.config, ddp_config, chunk, disable_bucketing=i > 0) for i, chunk in enumerate(chunks)]
+    if p.overlap_grad_reduce:
+        # The schedule holds the reduction back until each chunk's last micro-batch, then starts it bucket by bucket.
+        one = len(wrapped) == 1
+        config = chunks[0].config
+        config.no_sync_func = wrapped[0].no_sync if one else [c.no_sync for c in wrapped]
+        config.grad_sync_func = wrapped[0].start_grad_sync if one else [c.start_grad_sync for c in wrapped]
+    return wrapped
+
+
+def build_optimizer(chunks: list, cfg: DSV4Config):
+    """megatron-core's optimizer over the chunks: AdamW (torch's, as megatron falls back to it without
+    TransformerEngine/apex), fp32 master weights for bf16 parameters, state sharded over the data-parallel ranks
+    with the distributed optimizer. Separate optimizers for dense and expert parameters (they reduce over
+    different groups), chained. Two parameter groups each: decayed matrices, and the rest without decay."""
     o = cfg.optim
-    return torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay, "name": "decay"},
-                              {"params": plain, "weight_decay": 0.0, "name": "no_decay"}],
-                             lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    bf16 = cfg.precision.params_dtype == "bfloat16"
+    config = OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+                             adam_beta1=o.beta1, adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=o.grad_clip,
+                             bf16=bf16, params_dtype=DTYPES[cfg.precision.params_dtype],
+                             use_distributed_optimizer=cfg.parallel.distributed_optimizer)
+    plain = ParamKey(with_name_predicate=ParamWithNamePredicate(
+        name="no_weight_decay", fn=lambda param, name: no_weight_decay(name, param)))
+    return get_megatron_optimizer(config, chunks, config_overrides={plain: ParamGroupOverride(wd_mult=0.0)})
 
 
-def build_model(cfg: DSV4Config, groups: ParallelGroups) -> DSV4Model:
-    torch.manual_seed(cfg.run.seed)
-    return DSV4Model(cfg.model, groups.tp, params_dtype=DTYPES[cfg.precision.params_dtype],
-                     ep_group=groups.ep if cfg.parallel.ep > 1 else None).train()
+def unwrap(chunk) -> DSV4Model:
+    """The DSV4Model inside a DDP wrapper (or the model itself)."""
+    return getattr(chunk, "module", chunk)
 
 
 # --- one step ------------------------------------------------------------------------------------------------------
-
-def grad_norm(model: torch.nn.Module, groups: ParallelGroups) -> torch.Tensor:
-    """Global L2 norm of the gradients: tensor-parallel shards summed over the tensor-parallel group, routed experts
-    over the expert-parallel group (each rank holds its own), replicated tensors counted once."""
-    zero = torch.zeros((), device=next(model.parameters()).device)
-    sums = {"tp": zero, "ep": zero, "replicated": zero}
-    for p in model.parameters():
-        if p.grad is not None:
-            kind = ("tp" if getattr(p, "tensor_model_parallel", False)
-                    else "ep" if not getattr(p, "allreduce", True) else "replicated")
-            sums[kind] = sums[kind] + p.grad.detach().float().square().sum()
-    for kind, group in (("tp", groups.tp), ("ep", groups.ep)):
-        if dist.get_world_size(group) > 1:
-            dist.all_reduce(sums[kind], group=group)
-    return (sums["tp"] + sums["ep"] + sums["replicated"]).sqrt()
-
 
 def to_device(batch: dict, device: torch.device) -> dict:
     """The loader's CPU tensors on the model's device."""
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def average_gradients(model: torch.nn.Module, groups: ParallelGroups) -> None:
-    """Data parallelism: every replica applies the mean gradient over the dp data shards (megatron's DDP replaces
-    this later). A routed expert's gradient already sums the tokens its expert-parallel group sent it, so it is
-    summed over the ranks holding the same expert (expert data parallel) and divided by the same dp."""
-    dp = dist.get_world_size(groups.dp)
-    if dp == 1:
-        return
-    for p in model.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad, group=groups.dp if getattr(p, "allreduce", True) else groups.edp)
-            p.grad /= dp
-
-
-def expert_loads(model: DSV4Model) -> dict:
-    """max / mean tokens per expert of each score-routed MoE layer, from the counts of the current step."""
+def expert_loads(chunks: list) -> dict:
+    """max / mean tokens per expert of each score-routed MoE layer on this rank, from the counts of the step."""
     loads = {}
-    for name, router in model.named_modules():
-        if isinstance(router, Router) and not router.is_hash and router.tokens_per_expert.sum() > 0:
-            count = router.tokens_per_expert
-            loads[f"moe/load_max_over_mean/{name.removesuffix('.ffn.gate')}"] = (count.max() / count.mean()).item()
+    for chunk in chunks:
+        model = unwrap(chunk)
+        for name, router in model.named_modules():
+            if isinstance(router, Router) and not router.is_hash and router.tokens_per_expert.sum() > 0:
+                count = router.tokens_per_expert
+                layer = name.removesuffix(".ffn.gate")
+                if layer.startswith("layers."):  # global block index under pipeline parallelism
+                    local, _, rest = layer.removeprefix("layers.").partition(".")
+                    layer = f"layers.{int(local) + model.layer_offset}" + (f".{rest}" if rest else "")
+                loads[f"moe/load_max_over_mean/{layer}"] = (count.max() / count.mean()).item()
     return loads
 
 
-def train_step(model: DSV4Model, optimizer: torch.optim.Optimizer, batches: list, cfg: DSV4Config,
-               groups: ParallelGroups, step: int) -> dict:
+def _run_schedule(chunks: list, batches: list, cfg: DSV4Config, forward_only: bool, stats: bool = False,
+                  **forward_kwargs) -> tuple:
+    """Forward (and backward) of every micro-batch through megatron-core's schedule for this layout (no
+    pipelining, 1F1B, or interleaved 1F1B). Returns the last stage's per-micro-batch loss records (empty on other
+    stages) and this rank's summed auxiliary losses. `stats`: the first micro-batch also records diagnostics."""
+    aux_sums: dict = defaultdict(float)
+    device = next(chunks[0].parameters()).device
+    n_micro = len(batches)
+    calls: dict = defaultdict(int)
+
+    def forward_step(data_iterator, chunk):
+        batch = to_device(next(data_iterator), device)
+        first = calls[id(chunk)] == 0
+        calls[id(chunk)] += 1
+        out = chunk(batch["input_ids"], batch.get("labels"), batch.get("loss_mask"),
+                    document_ids=batch.get("document_ids"), record_stats=stats and first, **forward_kwargs)
+        for key, value in unwrap(chunk).aux_values.items():
+            aux_sums[key] += value.item()
+        if not isinstance(out, ModelOutput):
+            return out, None
+
+        def loss_func(loss):
+            # Copies: the schedule divides the returned loss in place by the number of micro-batches.
+            record = {"loss": loss.detach().clone(), "lm_loss": out.lm_loss.detach().clone()}
+            if out.mtp_losses:
+                record["mtp_loss"] = torch.stack(out.mtp_losses).mean().detach()
+            return loss, record
+
+        return (out.loss if out.loss is not None else out.lm_loss), loss_func
+
+    for chunk in chunks:
+        unwrap(chunk).loss_scale = 1.0 / n_micro
+    iterators = [iter(batches) for _ in chunks]
+    records = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iterators if len(chunks) > 1 else iterators[0],
+        model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=n_micro,
+        seq_length=cfg.data.seq_length,
+        # The pipeline carries the n residual streams of mHC: [s(/tp), b * n, d] per micro-batch.
+        micro_batch_size=cfg.data.micro_batch_size * cfg.model.hc_mult, forward_only=forward_only)
+    return records, aux_sums
+
+
+def _step_losses(records: list, aux_sums: dict, n_micro: int, groups: ParallelGroups, device) -> dict:
+    """The step's mean losses over all micro-batches and data-parallel replicas, the same on every rank: the LM and
+    MTP losses come from the last pipeline stage, auxiliary losses are summed over the stages."""
+    keys = ["loss", "lm_loss", "mtp_loss", "indexer_loss", "balance_loss"]
+    values = torch.zeros(len(keys), dtype=torch.float64, device=device)
+    for record in records:  # the last stage's total includes its own auxiliary losses
+        for i, key in enumerate(keys[:3]):
+            if key in record:
+                values[i] += record[key].double()
+    values[0] += aux_sums.get("total", 0.0)  # the earlier stages' auxiliary losses
+    values[3] += aux_sums.get("indexer", 0.0)
+    values[4] += aux_sums.get("balance", 0.0)
+    seen = torch.tensor([any("mtp_loss" in r for r in records), "indexer" in aux_sums, "balance" in aux_sums],
+                        dtype=torch.float64, device=device)
+    values = torch.cat([values, seen])
+    if groups.pp_size > 1:
+        dist.all_reduce(values, group=groups.pp)
+    if groups.dp_size > 1:
+        dist.all_reduce(values, group=groups.dp)
+    values, seen = values[:len(keys)] / (n_micro * groups.dp_size), values[len(keys):]
+    seen = {k for k, flag in zip(("mtp_loss", "indexer_loss", "balance_loss"), seen.tolist()) if flag > 0}
+    metrics = dict(zip(keys, values.tolist()))
+    for key in ("mtp_loss", "indexer_loss", "balance_loss"):
+        if key not in seen:
+            del metrics[key]
+    return metrics
+
+
+def _set_schedule(optimizer, cfg: DSV4Config, lr: float) -> None:
+    """This step's learning rate (and weight decay, per group's multiplier) on every parameter group."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+        group["weight_decay"] = cfg.optim.weight_decay * group.get("wd_mult", 1.0)
+
+
+def _clip(optimizer, max_norm: float, total_norm: float) -> None:
+    """Scale the main gradients of every (chained) optimizer by max_norm / total_norm when that is below 1."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = opt.get_parameters()
+        if params:
+            clip_grad_by_total_norm_fp32(params, max_norm=max_norm, total_norm=total_norm)
+
+
+def train_step(chunks: list, optimizer, batches: list, cfg: DSV4Config, groups: ParallelGroups, step: int) -> dict:
     """One optimizer step over the micro-batches of a global batch; returns its metrics.
+
+    forward/backward of every micro-batch (megatron-core schedule) -> gradient finalisation (data-parallel
+    reduction, tensor-parallel partial sums, shared embedding) -> gradient norm -> non-finite check -> clip ->
+    optimizer step (parameters all-gathered again under the distributed optimizer) -> expert-bias update.
 
     A non-finite loss or gradient norm (on any rank) skips the update (run.on_nan=skip) or raises
     NonFiniteLossError (run.on_nan=stop). Either way no parameter, optimizer state or expert bias changes.
     """
     lr = learning_rate(cfg.optim, step, cfg.run.steps)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    _set_schedule(optimizer, cfg, lr)
     w_mtp = mtp_loss_weight(cfg.optim, cfg.model.mtp_loss_weight, step, cfg.run.steps)
-    optimizer.zero_grad(set_to_none=True)
-    sums: dict = defaultdict(float)
-    tokens = 0
-    device = next(model.parameters()).device
-    for batch in batches:
-        batch = to_device(batch, device)
-        out = model(batch["input_ids"], batch["labels"], batch["loss_mask"], mtp_loss_weight=w_mtp,
-                    document_ids=batch.get("document_ids"))
-        (out.loss / len(batches)).backward()
-        sums["loss"] += out.loss.item()
-        sums["lm_loss"] += out.lm_loss.item()
-        if out.mtp_losses:
-            sums["mtp_loss"] += torch.stack(out.mtp_losses).mean().item()
-        if out.indexer_loss is not None:
-            sums["indexer_loss"] += out.indexer_loss.item()
-        if out.balance_loss is not None:
-            sums["balance_loss"] += out.balance_loss.item()
-        tokens += batch["input_ids"].numel()
-    metrics = {k: v / len(batches) for k, v in sums.items()}
-    if groups.dp_size > 1:  # report the global batch's losses, not this replica's share
-        values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=device)
-        dist.all_reduce(values, group=groups.dp)
-        metrics = dict(zip(metrics, (values / groups.dp_size).tolist()))
-    average_gradients(model, groups)
-    norm = grad_norm(model, groups)
-    finite = torch.tensor([float(math.isfinite(metrics["loss"]) and torch.isfinite(norm).item())], device=device)
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    device = next(chunks[0].parameters()).device
+    records, aux_sums = _run_schedule(chunks, batches, cfg, forward_only=False, mtp_loss_weight=w_mtp)
+    finalize_grads(chunks, groups)
+    metrics = _step_losses(records, aux_sums, len(batches), groups, device)
+    optimizer.prepare_grads()
+    norm = float(optimizer.get_grad_norm())
+    finite = torch.tensor([float(math.isfinite(metrics["loss"]) and math.isfinite(norm))], device=device)
     dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    metrics.update(lr=lr, grad_norm=norm.item(), mtp_weight=w_mtp, tokens=tokens * groups.dp_size,
-                   skipped=finite.item() == 0)
+    tokens = sum(b["input_ids"].numel() for b in batches) * groups.dp_size
+    metrics.update(lr=lr, grad_norm=norm, mtp_weight=w_mtp, tokens=tokens, skipped=finite.item() == 0)
+    routers = [m for c in chunks for m in unwrap(c).modules() if isinstance(m, Router) and not m.is_hash]
     if metrics["skipped"]:
-        optimizer.zero_grad(set_to_none=True)
-        for router in (m for m in model.modules() if isinstance(m, Router) and not m.is_hash):
+        for router in routers:
             router.tokens_per_expert.zero_()  # a bad step's routing must not steer the bias
         if cfg.run.on_nan == "stop":
             raise NonFiniteLossError(
@@ -166,35 +253,35 @@ def train_step(model: DSV4Model, optimizer: torch.optim.Optimizer, batches: list
                 f"lower optim.lr, raise optim.warmup_steps, or set run.on_nan=skip to skip such steps")
         return metrics
     if cfg.optim.grad_clip > 0:
-        scale = (cfg.optim.grad_clip / (norm + 1e-6)).clamp(max=1.0)
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(scale.to(p.grad.dtype))
-    optimizer.step()
-    metrics.update(expert_loads(model))
-    update_expert_bias(model, cfg.model.bias_update_rate, groups.dp)
+        _clip(optimizer, cfg.optim.grad_clip, norm)
+    optimizer.step_with_ready_grads()
+    metrics.update(expert_loads(chunks))
+    for chunk in chunks:
+        update_expert_bias(unwrap(chunk), cfg.model.bias_update_rate, groups.tp_dp)
     return metrics
 
 
 @torch.no_grad()
-def evaluate(model: DSV4Model, batches, groups: ParallelGroups) -> dict:
+def evaluate(chunks: list, batches, cfg: DSV4Config, groups: ParallelGroups) -> dict:
     """Mean LM loss (and perplexity) over validation micro-batches; the first also measures the indexer's recall of
-    dense attention's top-k and the mHC composite gain."""
-    model.eval()
-    total, count, stats = 0.0, 0, {}
-    device = next(model.parameters()).device
-    for i, batch in enumerate(batches):
-        batch = to_device(batch, device)
-        out = model(batch["input_ids"], batch["labels"], batch["loss_mask"], record_stats=i == 0,
-                    document_ids=batch.get("document_ids"))
-        if i == 0:
-            stats = out.stats
-        total += out.lm_loss.item()
-        count += 1
-    model.train()
-    loss = torch.tensor([total, float(count)], device=device)  # NCCL reduces device tensors only
+    dense attention's top-k and the mHC composite gain (combined over the pipeline stages)."""
+    batches = list(batches)
+    for chunk in chunks:
+        chunk.eval()
+    device = next(chunks[0].parameters()).device
+    records, _ = _run_schedule(chunks, batches, cfg, forward_only=True, stats=True)
+    parts = [(unwrap(c).stage.vp_stage * groups.pp_size + groups.pp_rank, unwrap(c).stats_parts) for c in chunks]
+    for chunk in chunks:
+        chunk.train()
+    loss = torch.tensor([sum(r["lm_loss"].item() for r in records), float(len(records))], device=device)
+    dist.all_reduce(loss, group=groups.pp)  # only the last stage holds records
     dist.all_reduce(loss, group=groups.dp)
     mean = (loss[0] / loss[1].clamp_min(1)).item()
+    if groups.pp_size > 1:
+        gathered = [None] * groups.pp_size
+        dist.all_gather_object(gathered, parts, group=groups.pp)
+        parts = [p for rank_parts in gathered for p in rank_parts]
+    stats = combine_stats([p for _, p in sorted(parts, key=lambda vp: vp[0])])
     return {"valid/lm_loss": mean, "valid/perplexity": math.exp(min(mean, 50.0)),
             **{f"valid/{k}": v for k, v in stats.items()}}
 
@@ -203,19 +290,21 @@ def evaluate(model: DSV4Model, batches, groups: ParallelGroups) -> dict:
 
 def train(cfg: DSV4Config, run_dir: Optional[str] = None) -> TrainResult:
     """Train `cfg.run.steps` optimizer steps; `cfg` must be validated (compose_config / to_config do it)."""
-    groups = init_distributed(tp=cfg.parallel.tp, ep=cfg.parallel.ep)
+    p = cfg.parallel
+    groups = init_distributed(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, vpp=p.vpp)
     run_dir = run_dir or cfg.run.output_dir
     rank0 = dist.get_rank() == 0
-    model = build_model(cfg, groups)
-    optimizer = build_optimizer(model, cfg)
+    chunks = build_model(cfg, groups)
+    optimizer = build_optimizer(chunks, cfg)
     data = build_data(cfg, dp_rank=groups.dp_rank, dp_size=groups.dp_size)
     if rank0:
         write_run_record(run_dir, cfg)
     monitor = Monitor(run_dir, cfg.run.steps, enabled=rank0, progress_bar=cfg.run.progress_bar)
     n_micro = cfg.data.global_batch_size // (cfg.data.micro_batch_size * groups.dp_size)
     peak = device_peak_flops()
-    n_params = sum(p.numel() for p in model.parameters())
-    monitor.message(f"dsv4-train: {n_params:,} parameters on rank 0, {cfg.run.steps} steps of "
+    n_params = sum(t.numel() for c in chunks for t in c.parameters())
+    monitor.message(f"dsv4-train: {n_params:,} parameters on rank 0 (tp={p.tp} pp={p.pp} vpp={p.vpp} ep={p.ep} "
+                    f"etp={p.etp} dp={groups.dp_size}), {cfg.run.steps} steps of "
                     f"{cfg.data.global_batch_size} x {cfg.data.seq_length} tokens, run folder {run_dir}")
     result = TrainResult(run_dir=run_dir)
     skipped_in_a_row = 0
@@ -223,9 +312,9 @@ def train(cfg: DSV4Config, run_dir: Optional[str] = None) -> TrainResult:
     try:
         for step in range(cfg.run.steps):
             t0 = time.perf_counter()
-            phase = model.set_step(step)
+            phase = [unwrap(c).set_step(step) for c in chunks][0]
             batches = [next(train_iter) for _ in range(n_micro)]
-            metrics = train_step(model, optimizer, batches, cfg, groups, step)
+            metrics = train_step(chunks, optimizer, batches, cfg, groups, step)
             elapsed = time.perf_counter() - t0
             flops = training_flops_per_token(cfg.model, cfg.data.seq_length, phase) * metrics["tokens"]
             metrics.update(step_time=elapsed, tokens_per_s=metrics["tokens"] / elapsed,
@@ -248,7 +337,7 @@ def train(cfg: DSV4Config, run_dir: Optional[str] = None) -> TrainResult:
                                  metrics["loss"])
             if data.valid is not None and (done == cfg.run.steps or (cfg.run.eval_interval
                                                                        and done % cfg.run.eval_interval == 0)):
-                valid = evaluate(model, data.valid(cfg.run.eval_iters), groups)
+                valid = evaluate(chunks, data.valid(cfg.run.eval_iters), cfg, groups)
                 result.valid_loss = valid["valid/lm_loss"]
                 monitor.scalars(done, valid)
                 monitor.message(f"step {done}: " + " ".join(f"{k.removeprefix('valid/')} {v:.4f}"

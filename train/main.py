@@ -21,8 +21,14 @@ from omegaconf import DictConfig
 from dsv4.conf.schema import register_configs, to_config
 from dsv4.model.config import ConfigError
 
-# megatron-core warns once per module that TransformerEngine/apex are absent; on CPU that is expected.
+# megatron-core warns once per module that TransformerEngine/apex are absent; on CPU that is expected. Its
+# collectives use torch names torch 2.13 deprecates, and it recommends a CUDA setting on every SP layer.
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+warnings.filterwarnings("ignore", message="Apex is not installed")
+warnings.filterwarnings("ignore", message=r"`torch.distributed.(all_gather_into_tensor|reduce_scatter_tensor)` is "
+                                          "deprecated")
+warnings.filterwarnings("ignore", message="When using sequence parallelism it is recommended to set the environment")
+warnings.filterwarnings("ignore", message="full scope is deprecated")
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
@@ -40,6 +46,9 @@ def _run(dcfg: DictConfig) -> float | None:
 
     try:
         result = train(cfg, run_dir=HydraConfig.get().runtime.output_dir)
+    except ConfigError as e:  # a layout the launch cannot run (e.g. interleaved pp=2 on gloo)
+        print(f"dsv4-train: {e}", file=sys.stderr)
+        sys.exit(2)
     except (NonFiniteLossError, FileNotFoundError, ValueError) as e:
         print(f"dsv4-train: {e}", file=sys.stderr)
         sys.exit(1)

@@ -1,0 +1,145 @@
+"""Every parallel layout trains like one process (gloo, several processes on this machine, fp32).
+
+For each layout the first step's gradients of every parameter (reassembled from the tensor-, expert- and
+pipeline-parallel shards) and the losses and gradient norms of 10 optimizer steps must equal a single process
+running the same global batch (12 sequences of 128 tokens, 3 micro-batches per replica):
+  - first-step gradients: atol 2e-5, rtol 1e-4 (float32 sums in another order);
+  - per-step LM loss and gradient norm over 10 steps: rtol 2e-4.
+The first-step gradients are taken with an all-reduce even under the distributed optimizer (which only keeps its
+shard); the 10 training steps run the layout's real path (reduce-scatter, sharded AdamW, parameter all-gather).
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+from dist_utils import run_workers
+
+STEPS = 10
+COMMON = [f"run.steps={STEPS}", "optim.warmup_steps=2", "data.seq_length=128", "data.global_batch_size=12",
+          "run.eval_interval=0", "run.log_interval=5", "run.progress_bar=false", "optim.lr=1e-3"]
+
+# name -> (world size, overrides); micro-batch size x dp x 3 micro-batches = 12 sequences.
+LAYOUTS = {
+    "tp2": (2, ["parallel.tp=2", "data.micro_batch_size=4"]),
+    "tp2-no-sp": (2, ["parallel.tp=2", "parallel.sp=false", "data.micro_batch_size=4"]),
+    "pp2": (2, ["parallel.pp=2", "data.micro_batch_size=4"]),
+    "pp3-vpp2": (3, ["parallel.pp=3", "parallel.vpp=2", "data.micro_batch_size=4", "run.eval_iters=3"]),
+    "ep2": (2, ["parallel.ep=2", "data.micro_batch_size=2"]),
+    "ep2-etp2": (4, ["parallel.ep=2", "parallel.etp=2", "data.micro_batch_size=1"]),
+    "dp2-distopt": (2, ["data.micro_batch_size=2"]),
+    "dp2-distopt-overlap": (2, ["data.micro_batch_size=2", "parallel.overlap_grad_reduce=true"]),
+    "tp2-pp2": (4, ["parallel.tp=2", "parallel.pp=2", "data.micro_batch_size=4"]),
+    "tp2-ep2": (4, ["parallel.tp=2", "parallel.ep=2", "data.micro_batch_size=2"]),
+    "tp2-pp2-ep2-dp2": (8, ["parallel.tp=2", "parallel.pp=2", "parallel.ep=2", "data.micro_batch_size=2"]),
+}
+
+
+def _global_name(chunk, name: str) -> str:
+    """A chunk's parameter name in the whole model: pipeline chunks number their blocks from 0."""
+    if name.startswith("layers."):
+        local, rest = name.removeprefix("layers.").split(".", 1)
+        return f"layers.{int(local) + chunk.layer_offset}.{rest}"
+    return name
+
+
+def _whole_gradients(chunks, groups) -> dict:
+    """Every parameter's gradient as in the unsplit model (on rank 0; None elsewhere). Copies of one slice held by
+    several ranks (replicas, the embedding's MTP copy) must agree."""
+    import torch.distributed as dist
+
+    from dsv4.parallel.grads import param_grad
+    from dsv4.train.loop import unwrap
+
+    local = []
+    for chunk in map(unwrap, chunks):
+        for name, p in chunk.named_parameters():
+            grad = param_grad(p)
+            if grad is None:
+                continue
+            expert = not getattr(p, "allreduce", True)
+            split = getattr(p, "tensor_model_parallel", False)
+            shard = (dist.get_rank(groups.etp) if expert else groups.tp_rank) if split else 0
+            local.append((_global_name(chunk, name), groups.ep_rank if expert else 0, shard,
+                          getattr(p, "partition_dim", None) if split else None, grad.detach().float().cpu().clone()))
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    if dist.get_rank() != 0:
+        return None
+    pieces: dict = {}
+    for name, ep_rank, shard, dim, grad in (entry for rank_entries in gathered for entry in rank_entries):
+        slot = pieces.setdefault(name, {})
+        key = (ep_rank, shard)
+        if key in slot:
+            torch.testing.assert_close(grad, slot[key][1], atol=2e-5, rtol=1e-4, msg=f"copies of {name} differ")
+        else:
+            slot[key] = (dim, grad)
+    whole = {}
+    for name, slot in pieces.items():
+        per_ep = []
+        for ep_rank in sorted({e for e, _ in slot}):
+            shards = [slot[(e, s)] for e, s in sorted(slot) if e == ep_rank]
+            dim = shards[0][0]
+            per_ep.append(shards[0][1] if dim is None else torch.cat([g for _, g in shards], dim=dim))
+        whole[name] = per_ep[0] if len(per_ep) == 1 else torch.cat(per_ep, dim=0)
+    return whole
+
+
+def _run_layout(rank, world_size, cache_dir, out_dir, overrides):
+    """A worker: the first step's whole gradients, then 10 training steps; rank 0 writes both."""
+    from dsv4.conf.schema import compose_config
+    from dsv4.parallel.grads import finalize_grads
+    from dsv4.parallel.state import init_distributed
+    from dsv4.train import loop
+    from dsv4.train.data import build_data
+    from dsv4.train.schedules import mtp_loss_weight
+
+    cfg = compose_config("debug", [f"data.cache_dir={cache_dir}", f"run.output_dir={out_dir}/run", *COMMON,
+                                   *overrides], world_size=world_size)
+    p = cfg.parallel
+    groups = init_distributed(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, vpp=p.vpp)
+    chunks = loop.build_model(cfg, groups)
+    for chunk in chunks:
+        loop.unwrap(chunk).set_step(0)
+    train = iter(build_data(cfg, dp_rank=groups.dp_rank, dp_size=groups.dp_size).train)
+    n_micro = cfg.data.global_batch_size // (cfg.data.micro_batch_size * groups.dp_size)
+    batches = [next(train) for _ in range(n_micro)]
+    w_mtp = mtp_loss_weight(cfg.optim, cfg.model.mtp_loss_weight, 0, cfg.run.steps)
+    loop._run_schedule(chunks, batches, cfg, forward_only=False, mtp_loss_weight=w_mtp)
+    finalize_grads(chunks, groups, force_all_reduce=True)
+    grads = _whole_gradients(chunks, groups)
+    del chunks
+
+    history = loop.train(cfg).history
+    if rank == 0:
+        torch.save(grads, os.path.join(out_dir, "grads.pt"))
+        with open(os.path.join(out_dir, "history.json"), "w") as f:
+            json.dump([{k: m[k] for k in ("lm_loss", "loss", "grad_norm")} for m in history], f)
+
+
+def _results(cache_dir, out_dir, world_size, overrides):
+    run_workers(_run_layout, world_size, cache_dir, str(out_dir), overrides, timeout=900)
+    with open(out_dir / "history.json") as f:
+        history = json.load(f)
+    return torch.load(out_dir / "grads.pt"), history
+
+
+@pytest.fixture(scope="module")
+def single(cache_dir, tmp_path_factory):
+    """The reference: one process, micro-batch 12 in 3 micro-batches of 4, every expert, the whole model."""
+    return _results(cache_dir, tmp_path_factory.mktemp("single"), 1, ["data.micro_batch_size=4"])
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_trains_like_one_process(cache_dir, tmp_path, single, layout):
+    world_size, overrides = LAYOUTS[layout]
+    grads, history = _results(cache_dir, tmp_path, world_size, overrides)
+    ref_grads, ref_history = single
+    assert set(grads) == set(ref_grads)
+    for name, ref in ref_grads.items():
+        torch.testing.assert_close(grads[name], ref, atol=2e-5, rtol=1e-4, msg=f"{layout}: gradient of {name}")
+    for step, (got, ref) in enumerate(zip(history, ref_history, strict=True), start=1):
+        for key in ("lm_loss", "loss", "grad_norm"):
+            assert got[key] == pytest.approx(ref[key], rel=2e-4), f"{layout}: {key} at step {step}"
