@@ -67,7 +67,7 @@ def run_layout(name, steps, cache, tmp):
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     procs = [ctx.Process(target=_rank, args=(r, world, port, overrides, steps, cache,
-                                             os.path.join(tmp, name), results)) for r in range(world)]
+                                             os.path.join(tmp, f"layout{list(LAYOUTS).index(name)}"), results)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:

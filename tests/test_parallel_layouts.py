@@ -143,3 +143,44 @@ def test_layout_trains_like_one_process(cache_dir, tmp_path, single, layout):
     for step, (got, ref) in enumerate(zip(history, ref_history, strict=True), start=1):
         for key in ("lm_loss", "loss", "grad_norm"):
             assert got[key] == pytest.approx(ref[key], rel=2e-4), f"{layout}: {key} at step {step}"
+
+
+def test_pipeline_stages_split_layers_evenly_in_interleaved_order():
+    from dsv4.model.transformer import layer_split, pipeline_stages
+
+    assert layer_split(6, 2) == [3, 3]
+    assert layer_split(7, 3) == [3, 2, 2]  # the remainder on the first stages: the last also runs head and MTP
+    assert layer_split(6, 2, [4, 2]) == [4, 2]
+    # pp 3 x vpp 2: rank r holds virtual stages r and 3 + r (megatron's interleaving order).
+    chunks = pipeline_stages(6, pp=3, pp_rank=1, vpp=2)
+    assert [(c.first_layer, c.end_layer, c.vp_stage) for c in chunks] == [(1, 2, 0), (4, 5, 1)]
+    assert not any(c.pre_process or c.post_process for c in chunks)
+    first, last = pipeline_stages(6, pp=3, pp_rank=0, vpp=2)[0], pipeline_stages(6, pp=3, pp_rank=2, vpp=2)[1]
+    assert first.pre_process and not first.post_process and (first.first_layer, first.end_layer) == (0, 1)
+    assert last.post_process and not last.pre_process and (last.first_layer, last.end_layer) == (5, 6)
+    for bad in ([3, 2], [4, 1, 1], [6, 0]):
+        with pytest.raises(ValueError, match="parallel.pp_layers"):
+            layer_split(6, 2, bad)
+    with pytest.raises(ValueError, match="cannot fill 8 pipeline stages"):
+        layer_split(6, 8)
+
+
+def test_pipeline_chunks_hold_their_blocks_with_global_kinds(debug_cfg, groups):
+    """A stage builds only its blocks, each with its global index (attention kind, hash routing), with the same
+    weights as the whole model; the last stage holds the head, MTP and an embedding copy equal to the first's."""
+    from dsv4.model.transformer import DSV4Model, pipeline_stages
+
+    whole = DSV4Model(debug_cfg, groups.tp, seed=3)
+    first, last = (DSV4Model(debug_cfg, groups.tp, stage=s, seed=3)
+                   for s in (pipeline_stages(6, pp=2, pp_rank=0)[0], pipeline_stages(6, pp=2, pp_rank=1)[0]))
+    assert len(first.layers) == len(last.layers) == 3 and last.layer_offset == 3
+    assert [b.attn.kind for b in last.layers] == [b.attn.kind for b in whole.layers[3:]]
+    assert first.mtp is not None and len(first.mtp) == 0 and len(last.mtp) == len(whole.mtp)
+    whole_params = dict(whole.named_parameters())
+    for chunk in (first, last):
+        for name, p in chunk.named_parameters():
+            if name.startswith("layers."):
+                i, rest = name.removeprefix("layers.").split(".", 1)
+                name = f"layers.{int(i) + chunk.layer_offset}.{rest}"
+            assert torch.equal(p, whole_params[name]), name
+    assert last.embed.weight.shared and not getattr(first.embed.weight, "shared", False)
