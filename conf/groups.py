@@ -68,7 +68,8 @@ class OptimConfig:
     """Optimizer and learning-rate schedule (AdamW until the Muon issue)."""
 
     name: str = "adamw"
-    """Optimizer: adamw."""
+    """Optimizer: adamw (every parameter), or muon (V4: Muon for hidden matrices, AdamW for embedding, heads,
+    norms, mHC biases and gates, sinks and position biases; dsv4.optim.distributed)."""
     lr: float = 3e-4
     """Peak learning rate."""
     min_lr: float = 3e-5
@@ -92,9 +93,26 @@ class OptimConfig:
     """Clip the global gradient norm to this (0 disables)."""
     mtp_loss_weight_after_decay: float = 0.1
     """V4 lowers the MTP loss weight from model.mtp_loss_weight to this once the LR decay starts."""
+    muon_momentum: float = 0.95
+    """muon: momentum mu (V4: 0.95)."""
+    muon_nesterov: bool = True
+    """muon: Nesterov look-ahead (V4: yes)."""
+    muon_ns: str = "v4_hybrid"
+    """muon: Newton-Schulz schedule: v4_hybrid (8 quintic + 2 clean-up steps) or moonlight (5 quintic steps)."""
+    muon_rms_scale: float = 0.18
+    """muon: RMS the orthogonalised update is rescaled to (V4: 0.18; Moonlight: 0.2)."""
+    muon_ns_dtype: str = "bfloat16"
+    """muon: Newton-Schulz precision: bfloat16 (V4) or float32 (exact comparisons between layouts: bf16 rounds
+    sums taken in another order differently)."""
 
     def validate(self) -> None:
-        _need(self.name == "adamw", "optim.name", f"{self.name!r} is not available; use adamw (Muon lands later)")
+        _need(self.name in ("adamw", "muon"), "optim.name", f"{self.name!r}: choose adamw or muon")
+        _need(0 <= self.muon_momentum < 1, "optim.muon_momentum", f"must be in [0, 1), got {self.muon_momentum}")
+        _need(self.muon_ns in ("v4_hybrid", "moonlight"), "optim.muon_ns",
+              f"{self.muon_ns!r}: choose v4_hybrid or moonlight")
+        _need(self.muon_rms_scale > 0, "optim.muon_rms_scale", f"must be > 0, got {self.muon_rms_scale}")
+        _need(self.muon_ns_dtype in ("bfloat16", "float32"), "optim.muon_ns_dtype",
+              f"{self.muon_ns_dtype!r}: choose bfloat16 or float32")
         _need(self.schedule in ("cosine", "wsd", "constant"), "optim.schedule",
               f"{self.schedule!r}: choose cosine, wsd or constant")
         _need(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")

@@ -82,18 +82,19 @@ def newton_schulz(G: torch.Tensor, steps: Optional[int] = None, coefficients: Co
 
 
 def muon_update(grad: torch.Tensor, momentum_buffer: torch.Tensor, mu: float = 0.95, nesterov: bool = True,
-                ns: Coefficients = V4_HYBRID, rms_scale: float = 0.18) -> torch.Tensor:
+                ns: Coefficients = V4_HYBRID, rms_scale: float = 0.18,
+                ns_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """One Muon update for grad [..., m, n] (a matrix or a batch of blocks); updates `momentum_buffer` in place.
 
     buf <- mu buf + grad;  O = NS(grad + mu buf) (Nesterov) or NS(buf);  returns O * sqrt(max(m, n)) * rms_scale
     in fp32. An orthogonal m x n matrix has RMS 1 / sqrt(max(m, n)), so the update's RMS is ~rms_scale
     (V4: 0.18; Moonlight: 0.2, chosen to match AdamW's typical update RMS). With a batch, each block is scaled
-    by its own shape.
+    by its own shape. `ns_dtype`: the Newton-Schulz precision (bf16 as V4; fp32 for exact comparisons).
     """
     momentum_buffer.mul_(mu).add_(grad)
     direction = grad.float() + mu * momentum_buffer if nesterov else momentum_buffer.float()
     m, n = grad.shape[-2:]
-    return newton_schulz(direction, coefficients=ns) * (math.sqrt(max(m, n)) * rms_scale)
+    return newton_schulz(direction, coefficients=ns, dtype=ns_dtype) * (math.sqrt(max(m, n)) * rms_scale)
 
 
 # --- block structure -----------------------------------------------------------------------------------------------

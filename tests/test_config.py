@@ -20,7 +20,7 @@ from dsv4.conf.groups import ClusterConfig, DataConfig, OptimConfig, ParallelCon
 from dsv4.conf.schema import _GROUPS, CONF_DIR, DSV4Config, compose_config, register_configs
 from dsv4.model.config import ConfigError, ModelConfig
 
-GROUP_PRESETS = {"model": ["debug", "flash", "pro"], "parallel": ["ep2", "pp2", "single", "tp2"], "optim": ["adamw"],
+GROUP_PRESETS = {"model": ["debug", "flash", "pro"], "parallel": ["ep2", "pp2", "single", "tp2"], "optim": ["adamw", "muon"],
                  "data": ["embedded"], "precision": ["bf16", "fp32"], "run": ["default"], "cluster": ["local"]}
 """Every preset shipped in conf/<group>/ (the test below checks this list against the folders)."""
 
@@ -568,9 +568,26 @@ def test_parallel_single_preset_states_every_field_at_its_default():
 # optim
 
 
-@pytest.mark.parametrize("value", ["muon", "sgd", "AdamW"])
+@pytest.mark.parametrize("value", ["sgd", "AdamW", "Muon"])
 def test_optim_name_is_a_known_optimizer(base, value):
-    assert_invalid(changed(base, optim__name=value), "optim.name", f"'{value}' is not available; use adamw")
+    assert_invalid(changed(base, optim__name=value), "optim.name", f"'{value}': choose adamw or muon")
+
+
+def test_optim_muon_preset_is_v4s_muon():
+    o = compose_config(overrides=["optim=muon"]).optim
+    assert (o.name, o.muon_momentum, o.muon_nesterov, o.muon_ns, o.muon_rms_scale, o.muon_ns_dtype) == (
+        "muon", 0.95, True, "v4_hybrid", 0.18, "bfloat16")
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("muon_momentum", 1.0, "must be in [0, 1), got 1.0"),
+    ("muon_momentum", -0.1, "must be in [0, 1), got -0.1"),
+    ("muon_ns", "quintic", "'quintic': choose v4_hybrid or moonlight"),
+    ("muon_rms_scale", 0.0, "must be > 0, got 0.0"),
+    ("muon_ns_dtype", "float16", "'float16': choose bfloat16 or float32"),
+])
+def test_optim_muon_values_are_checked(base, key, value, message):
+    assert_invalid(changed(base, **{f"optim__{key}": value}), f"optim.{key}", re.escape(message))
 
 
 @pytest.mark.parametrize("value", ["linear", "cos", ""])

@@ -32,6 +32,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from dsv4.conf.schema import DSV4Config
 from dsv4.model.moe import Router, update_expert_bias
 from dsv4.model.transformer import DSV4Model, ModelOutput, combine_stats, pipeline_stages
+from dsv4.optim.distributed import DistributedMuon
 from dsv4.parallel.grads import finalize_grads
 from dsv4.parallel.state import ParallelGroups, init_distributed
 
@@ -55,6 +56,7 @@ class TrainResult:
     history: list = field(default_factory=list)  # one dict per optimizer step
     valid_loss: Optional[float] = None
     skipped_steps: int = 0
+    chunks: list = field(default_factory=list, repr=False)  # the trained model chunks of this rank
 
 
 # --- build ---------------------------------------------------------------------------------------------------------
@@ -75,8 +77,10 @@ def build_model(cfg: DSV4Config, groups: ParallelGroups) -> list:
                         ep_group=groups.ep if p.ep > 1 else None, etp_group=groups.etp if p.etp > 1 else None,
                         sequence_parallel=p.sp, stage=stage, seed=cfg.run.seed).train()
               for stage in pipeline_stages(cfg.model.num_layers, p.pp, groups.pp_rank, p.vpp, p.pp_layers)]
+    # Muon shards its state by whole tensors itself (dsv4.optim.distributed): DDP all-reduces whole gradients.
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=p.overlap_grad_reduce,
-                                               use_distributed_optimizer=p.distributed_optimizer)
+                                               use_distributed_optimizer=p.distributed_optimizer
+                                               and cfg.optim.name != "muon")
     # Only the first chunk gets buckets (megatron's convention: later chunks' reduction is not overlapped).
     wrapped = [DDP(chunk.config, ddp_config, chunk, disable_bucketing=i > 0) for i, chunk in enumerate(chunks)]
     if p.overlap_grad_reduce:
@@ -88,12 +92,22 @@ def build_model(cfg: DSV4Config, groups: ParallelGroups) -> list:
     return wrapped
 
 
-def build_optimizer(chunks: list, cfg: DSV4Config):
-    """megatron-core's optimizer over the chunks: AdamW (torch's, as megatron falls back to it without
-    TransformerEngine/apex), fp32 master weights for bf16 parameters, state sharded over the data-parallel ranks
-    with the distributed optimizer. Separate optimizers for dense and expert parameters (they reduce over
-    different groups), chained. Two parameter groups each: decayed matrices, and the rest without decay."""
+def build_optimizer(chunks: list, cfg: DSV4Config, groups: Optional[ParallelGroups] = None):
+    """optim.name=adamw: megatron-core's optimizer over the chunks: AdamW (torch's, as megatron falls back to it
+    without TransformerEngine/apex), fp32 master weights for bf16 parameters, state sharded over the data-parallel
+    ranks with the distributed optimizer. Separate optimizers for dense and expert parameters (they reduce over
+    different groups), chained. Two parameter groups each: decayed matrices, and the rest without decay.
+
+    optim.name=muon: V4's Muon + AdamW (dsv4.optim.distributed.DistributedMuon; `groups` needed), its state sharded
+    over the data-parallel replicas by whole tensors when parallel.distributed_optimizer is set."""
     o = cfg.optim
+    if o.name == "muon":
+        named = [(n, p) for c in chunks for n, p in unwrap(c).named_parameters()]
+        return DistributedMuon(named, cfg.model, groups, lr=o.lr, weight_decay=o.weight_decay,
+                               betas=(o.beta1, o.beta2), eps=o.eps, momentum=o.muon_momentum,
+                               nesterov=o.muon_nesterov, ns=o.muon_ns, rms_scale=o.muon_rms_scale,
+                               ns_dtype=DTYPES[o.muon_ns_dtype],
+                               sharded=cfg.parallel.distributed_optimizer)
     bf16 = cfg.precision.params_dtype == "bfloat16"
     config = OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
                              adam_beta1=o.beta1, adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=o.grad_clip,
@@ -211,6 +225,9 @@ def _set_schedule(optimizer, cfg: DSV4Config, lr: float) -> None:
 
 def _clip(optimizer, max_norm: float, total_norm: float) -> None:
     """Scale the main gradients of every (chained) optimizer by max_norm / total_norm when that is below 1."""
+    if isinstance(optimizer, DistributedMuon):
+        optimizer.clip_grads(max_norm, total_norm)
+        return
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         params = opt.get_parameters()
         if params:
@@ -295,7 +312,7 @@ def train(cfg: DSV4Config, run_dir: Optional[str] = None) -> TrainResult:
     run_dir = run_dir or cfg.run.output_dir
     rank0 = dist.get_rank() == 0
     chunks = build_model(cfg, groups)
-    optimizer = build_optimizer(chunks, cfg)
+    optimizer = build_optimizer(chunks, cfg, groups)
     data = build_data(cfg, dp_rank=groups.dp_rank, dp_size=groups.dp_size)
     if rank0:
         write_run_record(run_dir, cfg)
@@ -306,7 +323,9 @@ def train(cfg: DSV4Config, run_dir: Optional[str] = None) -> TrainResult:
     monitor.message(f"dsv4-train: {n_params:,} parameters on rank 0 (tp={p.tp} pp={p.pp} vpp={p.vpp} ep={p.ep} "
                     f"etp={p.etp} dp={groups.dp_size}), {cfg.run.steps} steps of "
                     f"{cfg.data.global_batch_size} x {cfg.data.seq_length} tokens, run folder {run_dir}")
-    result = TrainResult(run_dir=run_dir)
+    if isinstance(optimizer, DistributedMuon):
+        monitor.message("optimizer: Muon + AdamW, parameter groups of rank 0:\n" + optimizer.summary())
+    result = TrainResult(run_dir=run_dir, chunks=chunks)
     skipped_in_a_row = 0
     train_iter = iter(data.train)
     try:

@@ -29,6 +29,8 @@ warnings.filterwarnings("ignore", message=r"`torch.distributed.(all_gather_into_
                                           "deprecated")
 warnings.filterwarnings("ignore", message="When using sequence parallelism it is recommended to set the environment")
 warnings.filterwarnings("ignore", message="full scope is deprecated")
+# The distributed optimizer's zero_grad sets `.grad = None` on its shard views (harmless; megatron-core 0.16.1).
+warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf Tensor is being accessed")
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
