@@ -1,7 +1,8 @@
 """The training job end to end: the loop learns, the command line works, bad input fails cleanly.
 
-The golden loss curve of the debug preset on the embedded corpus lives in tests/golden/debug_loss.json; regenerate
-it (after a deliberate change to the numerics) with `python tests/test_train.py --regenerate-golden`.
+The golden loss curves of the debug preset on the embedded corpus live in tests/golden/debug_loss.json (AdamW) and
+tests/golden/debug_loss_muon.json (V4's Muon + AdamW); regenerate them (after a deliberate change to the numerics)
+with `python tests/test_train.py --regenerate-golden`.
 """
 
 import json
@@ -55,15 +56,19 @@ def test_debug_model_loss_decreases_on_a_fixed_batch(groups):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-def golden_run(cache_dir, run_dir):
-    return loop.train(config(cache_dir, run_dir, *GOLDEN_OVERRIDES))
+GOLDEN_FILES = {"adamw": GOLDEN, "muon": os.path.join(os.path.dirname(__file__), "golden", "debug_loss_muon.json")}
 
 
-def test_loss_follows_the_golden_curve_on_the_embedded_corpus(cache_dir, tmp_path, groups):
+def golden_run(cache_dir, run_dir, optim="adamw"):
+    return loop.train(config(cache_dir, run_dir, *GOLDEN_OVERRIDES, f"optim={optim}"))
+
+
+@pytest.mark.parametrize("optim", list(GOLDEN_FILES))
+def test_loss_follows_the_golden_curve_on_the_embedded_corpus(cache_dir, tmp_path, groups, optim):
     """The debug preset trained on the embedded corpus reproduces the stored curve, and the loss falls."""
-    result = golden_run(cache_dir, str(tmp_path / "run"))
+    result = golden_run(cache_dir, str(tmp_path / "run"), optim)
     losses = [m["lm_loss"] for m in result.history]
-    with open(GOLDEN) as f:
+    with open(GOLDEN_FILES[optim]) as f:
         golden = json.load(f)["lm_loss"]
     assert len(losses) == len(golden)
     # CPU kernels may sum in a different order on another machine: a small tolerance, far below the fall.
@@ -272,10 +277,11 @@ if __name__ == "__main__" and "--regenerate-golden" in sys.argv:
     from dsv4.parallel.state import init_distributed
 
     init_distributed()
-    with tempfile.TemporaryDirectory() as tmp:
-        result = golden_run(os.path.join(tmp, "cache"), os.path.join(tmp, "run"))
-    os.makedirs(os.path.dirname(GOLDEN), exist_ok=True)
-    with open(GOLDEN, "w") as f:
-        json.dump({"overrides": GOLDEN_OVERRIDES, "lm_loss": [round(m["lm_loss"], 5) for m in result.history]},
-                  f, indent=1)
-    print(f"wrote {GOLDEN}")
+    for optim, path in GOLDEN_FILES.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            result = golden_run(os.path.join(tmp, "cache"), os.path.join(tmp, "run"), optim)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"overrides": [*GOLDEN_OVERRIDES, f"optim={optim}"],
+                       "lm_loss": [round(m["lm_loss"], 5) for m in result.history]}, f, indent=1)
+        print(f"wrote {path}")
