@@ -26,11 +26,9 @@ WIDE = ["model.hidden_size=512", "model.moe_intermediate_size=512", "model.q_lor
 
 
 def measure(optim: str, model_overrides: list, steps: int, ns_dtype: str, cache: str, out: str) -> dict:
-    import torch
-
     from dsv4.conf.schema import compose_config
     from dsv4.parallel.grads import finalize_grads
-    from dsv4.parallel.state import init_distributed
+    from dsv4.parallel.state import destroy_distributed, init_distributed
     from dsv4.train import loop
     from dsv4.train.data import build_data
 
@@ -62,9 +60,7 @@ def measure(optim: str, model_overrides: list, steps: int, ns_dtype: str, cache:
         opt.append(t2 - t1)
         shares.append((t2 - t1) / (t1 - t0))
     n_params = sum(p.numel() for c in chunks for p in c.parameters())
-    torch.distributed.destroy_process_group()
-    from megatron.core import parallel_state
-    parallel_state.destroy_model_parallel()
+    destroy_distributed()
     return {"params": n_params, "share": statistics.median(shares[2:]), "fwd_bwd_s": statistics.median(fwd_bwd[2:]),
             "optimizer_s": statistics.median(opt[2:])}
 

@@ -41,7 +41,6 @@ def build_model(preset: str | ModelConfig = "debug", overrides: Sequence[str] = 
     """A freshly initialised model (deterministic for `seed`; on this rank's GPU if there is one), in eval mode."""
     cfg = preset if isinstance(preset, ModelConfig) else model_config(preset, overrides)
     groups = groups or init_distributed()
-    torch.manual_seed(seed)
     return DSV4Model(cfg, groups.tp, params_dtype=dtype, seed=seed).eval()
 
 

@@ -198,8 +198,6 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: LayerContext, layer: int):
         super().__init__()
         self.ctx = ctx
-        self.ep_group, self.ep_size = ctx.ep_group, ctx.ep_size
-        self.etp_group, self.etp_size = ctx.etp_group, ctx.etp_size
         self.gate = Router(cfg, ctx, layer)
         sum_grads_over_tp(ctx, self.gate)  # each tensor-parallel rank routes its own tokens
         self.experts = GroupedExperts(cfg, ctx)
@@ -237,32 +235,32 @@ class MoE(nn.Module):
     def _run_experts(self, rows: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
         """Each row through its expert. With expert parallelism the rows travel to the rank holding their expert
         and back (all-to-all over the expert-parallel group, differentiable both ways)."""
-        if self.ep_size == 1:
+        if self.ctx.ep_size == 1:
             return self._expert_shards(rows, expert)
         n_local = self.experts.n_local
         dest = expert // n_local  # owning rank of each row
         order = torch.argsort(dest, stable=True)
-        send_counts = torch.bincount(dest, minlength=self.ep_size)
+        send_counts = torch.bincount(dest, minlength=self.ctx.ep_size)
         recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.ep_group)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.ctx.ep_group)
         send, recv = send_counts.tolist(), recv_counts.tolist()
-        recv_expert = all_to_all(expert[order] % n_local, recv, send, self.ep_group)  # local ids at the owner
-        done = self._expert_shards(all_to_all(rows[order], recv, send, self.ep_group), recv_expert)
-        return all_to_all(done, send, recv, self.ep_group)[torch.argsort(order)]
+        recv_expert = all_to_all(expert[order] % n_local, recv, send, self.ctx.ep_group)  # local ids at the owner
+        done = self._expert_shards(all_to_all(rows[order], recv, send, self.ctx.ep_group), recv_expert)
+        return all_to_all(done, send, recv, self.ctx.ep_group)[torch.argsort(order)]
 
     def _expert_shards(self, rows: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
         """Rows of this rank's experts through them. With expert-tensor parallelism every rank of the etp group
         holds a slice of the same experts: the group's rows are gathered, each rank computes its partial outputs,
         and each gets its own rows' sums back."""
-        if self.etp_size == 1:
+        if self.ctx.etp_size == 1:
             return self.experts(rows, expert)
         count = torch.tensor([rows.shape[0]], device=rows.device)
-        counts = [torch.zeros_like(count) for _ in range(self.etp_size)]
-        dist.all_gather(counts, count, group=self.etp_group)
+        counts = [torch.zeros_like(count) for _ in range(self.ctx.etp_size)]
+        dist.all_gather(counts, count, group=self.ctx.etp_group)
         counts = [int(c) for c in counts]
-        partial = self.experts(gather_rows(rows, counts, self.etp_group),
-                               gather_rows(expert, counts, self.etp_group))
-        return reduce_scatter_rows(partial, counts, self.etp_group)
+        partial = self.experts(gather_rows(rows, counts, self.ctx.etp_group),
+                               gather_rows(expert, counts, self.ctx.etp_group))
+        return reduce_scatter_rows(partial, counts, self.ctx.etp_group)
 
 
 @torch.no_grad()

@@ -52,7 +52,8 @@ class PipelineStage:
     """The part of the model one model chunk holds: blocks [first_layer, end_layer) (global indices, so every
     block keeps its place in the hybrid attention schedule), the embedding on the first stage, and the final
     norm, head and MTP blocks on the last. The last stage also keeps a copy of the embedding for MTP when it is
-    not also the first; the two copies start equal and their gradients are summed (`train.loop.finalize_grads`).
+    not also the first; the two copies start equal and their gradients are summed
+    (`dsv4.parallel.grads.finalize_grads`).
     """
 
     first_layer: int
@@ -192,6 +193,14 @@ class DSV4Model(MegatronModule):
         if torch.cuda.is_available():  # built on the CPU (see make_layer_context), run on this rank's GPU
             self.cuda(torch.cuda.current_device())
 
+    def global_name(self, name: str) -> str:
+        """A parameter or module name of this chunk as in the whole model: a pipeline chunk numbers its blocks from
+        0, the whole model from `layer_offset`."""
+        if not name.startswith("layers."):
+            return name
+        local, _, rest = name.removeprefix("layers.").partition(".")
+        return f"layers.{int(local) + self.layer_offset}" + (f".{rest}" if rest else "")
+
     def set_input_tensor(self, input_tensor) -> None:
         """The pipeline schedule hands a later stage its input (the previous stage's streams) here."""
         if isinstance(input_tensor, (list, tuple)):
@@ -272,24 +281,24 @@ class DSV4Model(MegatronModule):
             streams = self.input_tensor.view(-1, b, n, d)
         for layer in self.layers:
             streams = layer(streams, ids, self.rope, aux, docs)
-        aux_losses = self._aux_losses(aux)
         if record_stats:
             self.stats_parts = self._stats_parts(aux)
         if not self.post_process:
-            self.aux_values = {k: v.detach() for k, v in aux_losses.items() if v is not None}
+            aux_losses = self._aux_losses(aux)
             out = streams.view(-1, b * n, d)
             if aux_losses["total"] is not None and self.training:
                 out = _AttachLoss.apply(out, aux_losses["total"], self.loss_scale)
             return out
 
         logits = self._logits(self.hc_head(streams))
-        out = ModelOutput(indexer_loss=aux_losses["indexer"], balance_loss=aux_losses["balance"])
+        out = ModelOutput()
         if record_stats:
-            out.stats = self._stats(aux)
+            out.stats = combine_stats([self.stats_parts])
         if return_logits:
             out.logits = gather_from_tensor_model_parallel_region(logits, group=self.tp_group).transpose(0, 1)
         if labels is None:
-            self.aux_values = {}
+            aux_losses = self._aux_losses(aux)
+            out.indexer_loss, out.balance_loss = aux_losses["indexer"], aux_losses["balance"]
             return out
 
         labels = labels.t().contiguous()
@@ -308,10 +317,8 @@ class DSV4Model(MegatronModule):
         if out.mtp_losses:
             weight = self.cfg.mtp_loss_weight if mtp_loss_weight is None else mtp_loss_weight
             total = total + weight * torch.stack(out.mtp_losses).mean()
-        # The MTP blocks add their own auxiliary losses.
-        aux_losses = self._aux_losses(aux)
+        aux_losses = self._aux_losses(aux)  # after the MTP blocks, which add their own
         out.indexer_loss, out.balance_loss = aux_losses["indexer"], aux_losses["balance"]
-        self.aux_values = {k: aux_losses[k].detach() for k in ("indexer", "balance") if aux_losses[k] is not None}
         if aux_losses["total"] is not None:
             total = total + aux_losses["total"]
         out.loss = total
@@ -319,7 +326,10 @@ class DSV4Model(MegatronModule):
 
     def _aux_losses(self, aux: dict) -> dict:
         """This chunk's auxiliary losses: indexer = sum of its KL losses / every CSA block of the model (the mean
-        when one chunk holds them all), balance = sum of its sequence balance losses, and their weighted total."""
+        when one chunk holds them all), balance = sum of its sequence balance losses, and their weighted total.
+
+        Also records them, detached, in `aux_values` for logging: indexer and balance always, the total only on
+        a stage before the last (the last stage's total is part of the loss it returns)."""
         indexer = balance = total = None
         if aux.get("indexer"):
             indexer = torch.stack(aux["indexer"]).sum() / self.n_indexer_layers
@@ -327,7 +337,10 @@ class DSV4Model(MegatronModule):
         if aux.get("balance"):
             balance = torch.stack(aux["balance"]).sum()
             total = balance if total is None else total + balance
-        return {"indexer": indexer, "balance": balance, "total": total}
+        losses = {"indexer": indexer, "balance": balance, "total": total}
+        logged = ("indexer", "balance") if self.post_process else ("indexer", "balance", "total")
+        self.aux_values = {k: losses[k].detach() for k in logged if losses[k] is not None}
+        return losses
 
     @staticmethod
     def _stats_parts(aux: dict) -> dict:
@@ -340,10 +353,6 @@ class DSV4Model(MegatronModule):
                 composite = res.double().cpu().t() @ composite
             parts["composite"] = composite
         return parts
-
-    def _stats(self, aux: dict) -> dict:
-        """Diagnostics of a record_stats pass over the whole model (main blocks only; the MTP blocks run later)."""
-        return combine_stats([self._stats_parts(aux)])
 
 
 def combine_stats(parts: list) -> dict:

@@ -2,7 +2,9 @@
 of the parameters; see optim/README.md."""
 
 from .muon import (MOONLIGHT, NS_PRESETS, PARAM_RULES, V4_HYBRID, BlockLayout, Muon, ParamAssignment, ParamRule,
-                   assign_param_groups, muon_update, newton_schulz, orthogonal_blocks)
+                   assign_param_groups, muon_update, newton_schulz, no_weight_decay, orthogonal_blocks,
+                   orthogonalized)
 
 __all__ = ["MOONLIGHT", "NS_PRESETS", "PARAM_RULES", "V4_HYBRID", "BlockLayout", "Muon", "ParamAssignment",
-           "ParamRule", "assign_param_groups", "muon_update", "newton_schulz", "orthogonal_blocks"]
+           "ParamRule", "assign_param_groups", "muon_update", "newton_schulz", "no_weight_decay", "orthogonal_blocks",
+           "orthogonalized"]

@@ -34,7 +34,8 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from dsv4.model.config import ModelConfig
 from dsv4.parallel.grads import param_grad
 
-from .muon import NS_PRESETS, BlockLayout, assign_param_groups, muon_update, orthogonal_blocks
+from .muon import (NS_PRESETS, BlockLayout, assign_param_groups, block_kind, muon_update, no_weight_decay,
+                   orthogonal_blocks, orthogonalized)
 
 __all__ = ["DistributedMuon", "global_grad_norm"]
 
@@ -53,11 +54,6 @@ class _Entry:
     layout: Optional[BlockLayout] = None  # Muon blocks of the whole matrix
     owner: int = 0  # rank within `replicas`
     state: dict = field(default_factory=dict)
-
-
-def _no_decay(name: str, p: torch.Tensor) -> bool:
-    """AdamW tensors without weight decay: vectors (norms, mHC biases/scales, sinks) and position biases."""
-    return p.dim() < 2 or name.endswith(".ape")
 
 
 def global_grad_norm(params, groups) -> torch.Tensor:
@@ -121,13 +117,12 @@ class DistributedMuon:
         expert = not getattr(p, "allreduce", True)
         replicas = self.groups.edp if expert else self.groups.dp
         if not muon:
-            return _Entry(name, p, "adamw", "adamw_no_decay" if _no_decay(name, p) else "adamw", replicas,
+            return _Entry(name, p, "adamw", "adamw_no_decay" if no_weight_decay(name, p) else "adamw", replicas,
                           float(p.numel()))
         gather, shape = None, tuple(p.shape)
         split_group = self.groups.etp if expert else self.groups.tp
         if getattr(p, "tensor_model_parallel", False) and dist.get_world_size(split_group) > 1:
-            local = orthogonal_blocks(name, p, cfg.o_lora_rank)
-            if local.kind != "per_group":  # wo_a's output groups are whole on each rank
+            if block_kind(name, p.dim()) != "per_group":  # wo_a's output groups are whole on each rank
                 gather = (split_group, p.partition_dim)
                 shape = list(shape)
                 shape[p.partition_dim] *= dist.get_world_size(split_group)
@@ -188,7 +183,7 @@ class DistributedMuon:
             if g is None:
                 continue
             group = hyper[e.group]
-            lr, wd = group["lr"] * group.get("lr_mult", 1.0), group["weight_decay"]
+            lr, wd = group["lr"], group["weight_decay"]  # the loop's schedule has applied lr_mult and wd_mult
             target = e.state.get("master", e.param.data)
             update = self._muon(e, g) if e.kind == "muon" else self._adamw(e, g)
             target.mul_(1 - lr * wd)  # decoupled weight decay
@@ -215,9 +210,8 @@ class DistributedMuon:
         pieces = [torch.empty_like(look) for _ in range(dist.get_world_size(group))]
         dist.all_gather(pieces, look.contiguous(), group=group)
         whole = torch.cat(pieces, dim=dim)
-        scratch = torch.zeros_like(whole)  # the momentum is already applied: muon_update with mu = 0
-        full = e.layout.merge(muon_update(e.layout.split(whole.contiguous()), e.layout.split(scratch), 0.0, False,
-                                          self.ns, self.rms_scale, self.ns_dtype))
+        full = e.layout.merge(orthogonalized(e.layout.split(whole.contiguous()), self.ns, self.rms_scale,
+                                             self.ns_dtype))
         return full.chunk(dist.get_world_size(group), dim=dim)[dist.get_rank(group)]
 
     def _adamw(self, e: _Entry, g: torch.Tensor) -> torch.Tensor:

@@ -93,7 +93,14 @@ def muon_update(grad: torch.Tensor, momentum_buffer: torch.Tensor, mu: float = 0
     """
     momentum_buffer.mul_(mu).add_(grad)
     direction = grad.float() + mu * momentum_buffer if nesterov else momentum_buffer.float()
-    m, n = grad.shape[-2:]
+    return orthogonalized(direction, ns, rms_scale, ns_dtype)
+
+
+def orthogonalized(direction: torch.Tensor, ns: Coefficients = V4_HYBRID, rms_scale: float = 0.18,
+                   ns_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The update for a momentum direction [..., m, n]: NS(direction) * sqrt(max(m, n)) * rms_scale, in fp32 (the
+    second half of `muon_update`, for callers that apply the momentum themselves)."""
+    m, n = direction.shape[-2:]
     return newton_schulz(direction, coefficients=ns, dtype=ns_dtype) * (math.sqrt(max(m, n)) * rms_scale)
 
 
@@ -164,6 +171,12 @@ def orthogonal_blocks(param_name: str, tensor: Union[torch.Tensor, torch.Size, S
 
 
 # --- parameter groups ----------------------------------------------------------------------------------------------
+
+def no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """AdamW tensors without weight decay: vectors (norm gains, mHC biases and scales, sinks) and the compressors'
+    position biases."""
+    return param.dim() < 2 or name.endswith(".ape")
+
 
 @dataclass(frozen=True)
 class ParamRule:

@@ -15,7 +15,7 @@ activations enter replicated (no SP: `copy`, all-reduce of the gradient) or gath
 all-gather, reduce-scatter of the gradient) and ends at a row-parallel layer. Inside a region every rank computes
 *partial* gradients of whatever it uses from its own heads only; replicated parameters used inside a region are
 marked `grad_sum_over_tp` and their gradients are summed over the tensor-parallel group once per step
-(`train.loop.finalize_grads`). Under SP the per-token parameters outside the regions (norms, mHC, router, MTP
+(`dsv4.parallel.grads.finalize_grads`). Under SP the per-token parameters outside the regions (norms, mHC, router, MTP
 projections) see only this rank's tokens and are marked the same way.
 """
 

@@ -26,8 +26,7 @@ class ParallelGroups:
     """The process groups this rank belongs to.
 
     Dense part of the model: world = pp x dp x tp (tp fastest). Routed experts: world = pp x edp x ep x etp
-    (megatron-core's expert grid, etp fastest). `vpp` is the number of virtual pipeline stages (model chunks) each
-    pipeline rank holds."""
+    (megatron-core's expert grid, etp fastest)."""
 
     tp: dist.ProcessGroup
     pp: dist.ProcessGroup
@@ -43,7 +42,6 @@ class ParallelGroups:
     embd: Optional[dist.ProcessGroup]
     """The first and last pipeline stage: both hold the token embedding (input and MTP), kept in sync (None on
     the stages in between)."""
-    vpp: int = 1
 
     @property
     def tp_size(self) -> int:
@@ -141,7 +139,6 @@ def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, etp: int = 1, vpp: i
         etp=mpu.get_expert_tensor_parallel_group(),
         tp_dp=mpu.get_tensor_and_data_parallel_group(),
         embd=mpu.get_embedding_group(check_initialized=False),
-        vpp=vpp,
     )
 
 

@@ -53,14 +53,6 @@ MUON_LAYOUTS = {
 }
 
 
-def _global_name(chunk, name: str) -> str:
-    """A chunk's parameter name in the whole model: pipeline chunks number their blocks from 0."""
-    if name.startswith("layers."):
-        local, rest = name.removeprefix("layers.").split(".", 1)
-        return f"layers.{int(local) + chunk.layer_offset}.{rest}"
-    return name
-
-
 def _whole_gradients(chunks, groups, of=None) -> dict:
     """Every parameter's gradient (or `of(param)`) as in the unsplit model (on rank 0; None elsewhere). Copies of
     one slice held by several ranks (replicas, the embedding's MTP copy) must agree."""
@@ -78,7 +70,7 @@ def _whole_gradients(chunks, groups, of=None) -> dict:
             expert = not getattr(p, "allreduce", True)
             split = getattr(p, "tensor_model_parallel", False)
             shard = (dist.get_rank(groups.etp) if expert else groups.tp_rank) if split else 0
-            local.append((_global_name(chunk, name), groups.ep_rank if expert else 0, shard,
+            local.append((chunk.global_name(name), groups.ep_rank if expert else 0, shard,
                           getattr(p, "partition_dim", None) if split else None, grad.detach().float().cpu().clone()))
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, local)
@@ -220,8 +212,5 @@ def test_pipeline_chunks_hold_their_blocks_with_global_kinds(debug_cfg, groups):
     whole_params = dict(whole.named_parameters())
     for chunk in (first, last):
         for name, p in chunk.named_parameters():
-            if name.startswith("layers."):
-                i, rest = name.removeprefix("layers.").split(".", 1)
-                name = f"layers.{int(i) + chunk.layer_offset}.{rest}"
-            assert torch.equal(p, whole_params[name]), name
+            assert torch.equal(p, whole_params[chunk.global_name(name)]), name
     assert last.embed.weight.shared and not getattr(first.embed.weight, "shared", False)

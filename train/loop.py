@@ -33,6 +33,7 @@ from dsv4.conf.schema import DSV4Config
 from dsv4.model.moe import Router, update_expert_bias
 from dsv4.model.transformer import DSV4Model, ModelOutput, combine_stats, pipeline_stages
 from dsv4.optim.distributed import DistributedMuon
+from dsv4.optim.muon import no_weight_decay
 from dsv4.parallel.grads import finalize_grads
 from dsv4.parallel.state import ParallelGroups, init_distributed
 
@@ -60,11 +61,6 @@ class TrainResult:
 
 
 # --- build ---------------------------------------------------------------------------------------------------------
-
-def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
-    """Vectors (norm gains, mHC biases and scales, sinks) and the compressors' position biases are not decayed."""
-    return param.dim() < 2 or name.endswith(".ape")
-
 
 def build_model(cfg: DSV4Config, groups: ParallelGroups) -> list:
     """This rank's model chunks (one per virtual pipeline stage), wrapped in megatron-core's DDP.
@@ -138,10 +134,7 @@ def expert_loads(chunks: list) -> dict:
         for name, router in model.named_modules():
             if isinstance(router, Router) and not router.is_hash and router.tokens_per_expert.sum() > 0:
                 count = router.tokens_per_expert
-                layer = name.removesuffix(".ffn.gate")
-                if layer.startswith("layers."):  # global block index under pipeline parallelism
-                    local, _, rest = layer.removeprefix("layers.").partition(".")
-                    layer = f"layers.{int(local) + model.layer_offset}" + (f".{rest}" if rest else "")
+                layer = model.global_name(name).removesuffix(".ffn.gate")
                 loads[f"moe/load_max_over_mean/{layer}"] = (count.max() / count.mean()).item()
     return loads
 
@@ -174,7 +167,7 @@ def _run_schedule(chunks: list, batches: list, cfg: DSV4Config, forward_only: bo
                 record["mtp_loss"] = torch.stack(out.mtp_losses).mean().detach()
             return loss, record
 
-        return (out.loss if out.loss is not None else out.lm_loss), loss_func
+        return out.loss, loss_func
 
     for chunk in chunks:
         unwrap(chunk).loss_scale = 1.0 / n_micro
@@ -260,9 +253,8 @@ def train_step(chunks: list, optimizer, batches: list, cfg: DSV4Config, groups: 
     dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     tokens = sum(b["input_ids"].numel() for b in batches) * groups.dp_size
     metrics.update(lr=lr, grad_norm=norm, mtp_weight=w_mtp, tokens=tokens, skipped=finite.item() == 0)
-    routers = [m for c in chunks for m in unwrap(c).modules() if isinstance(m, Router) and not m.is_hash]
     if metrics["skipped"]:
-        for router in routers:
+        for router in (m for c in chunks for m in unwrap(c).modules() if isinstance(m, Router) and not m.is_hash):
             router.tokens_per_expert.zero_()  # a bad step's routing must not steer the bias
         if cfg.run.on_nan == "stop":
             raise NonFiniteLossError(
