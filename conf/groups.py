@@ -199,6 +199,15 @@ class RunConfig:
     """on_nan=skip: stop after this many consecutive skipped steps."""
     progress_bar: bool = True
     """A rank-0 progress bar with ETA and the current loss (plain lines when not on a terminal)."""
+    save_interval: int = 100
+    """Steps between sharded checkpoints in <output_dir>/checkpoints (also at the last step); 0 disables."""
+    keep_last: int = 2
+    """Complete checkpoints kept (older ones are deleted once a newer one is complete)."""
+    async_save: bool = False
+    """Write checkpoints in the background (megatron-core async save); published when the write has finished."""
+    resume: str = "auto"
+    """auto: continue from the latest complete checkpoint of output_dir, if any; none: start fresh; or a path to a
+    checkpoint folder (.../checkpoints/step_N) or a run folder, loaded under this run's parallel layout."""
 
     def validate(self) -> None:
         _need(self.steps > 0, "run.steps", f"must be > 0, got {self.steps}")
@@ -207,6 +216,9 @@ class RunConfig:
         _need(self.eval_iters > 0, "run.eval_iters", f"must be > 0, got {self.eval_iters}")
         _need(self.on_nan in ("skip", "stop"), "run.on_nan", f"{self.on_nan!r}: choose skip or stop")
         _need(self.max_skipped_steps > 0, "run.max_skipped_steps", f"must be > 0, got {self.max_skipped_steps}")
+        _need(self.save_interval >= 0, "run.save_interval", f"must be >= 0 (0 disables), got {self.save_interval}")
+        _need(self.keep_last > 0, "run.keep_last", f"must be >= 1, got {self.keep_last}")
+        _need(bool(self.resume), "run.resume", "is empty: use auto, none, or a checkpoint path")
 
 
 @dataclass

@@ -24,12 +24,14 @@ With `sharded=False` every replica owns everything: no broadcasts, state replica
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from megatron.core.dist_checkpointing import ShardedTensor
 
 from dsv4.model.config import ModelConfig
 from dsv4.parallel.grads import param_grad
@@ -108,6 +110,7 @@ class DistributedMuon:
         muon_ids = {id(p) for _, p in self.assignment.muon}
         self.entries = [self._entry(name, p, id(p) in muon_ids, model_cfg) for name, p in named_params]
         self._assign_owners()
+        self._loading: dict = {}  # checkpoint key -> (entry, state name) while a load is prepared
         for e in self._owned():
             if e.param.dtype != torch.float32:
                 e.state["master"] = e.param.detach().float().clone()
@@ -193,6 +196,57 @@ class DistributedMuon:
         if self.sharded:
             self._broadcast()
         return True
+
+    # --- checkpoints ----------------------------------------------------------------------------------------------------
+    STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "master")
+
+    def sharded_state_dict(self, model_state: dict, is_loading: bool = False,
+                           available: Optional[set] = None) -> dict:
+        """The optimizer state as megatron-core ShardedTensors, for `dist_checkpointing`.
+
+        Each state tensor has the shape and place of its parameter's slice (`model_state`: the model's sharded
+        state dict, `dsv4.parallel.sharding.model_sharded_state_dict`), so it reshards like the parameter. Only the
+        owner holds state; it writes it as the main copy over the replicas (replica id 0 along data parallelism),
+        so a checkpoint saved over dp replicas loads under another dp size, where other ranks own the tensors.
+        `is_loading`: allocates the state of the tensors this rank owns, restricted to the keys `available` in
+        the checkpoint (state that was never created, e.g. of a parameter frozen so far, stays absent)."""
+        by_param = {id(sh.data): sh for sh in model_state.values()}
+        self._loading = {}
+        out = {"optimizer.muon.step_count": self.step_count}
+        for e in self._owned():
+            sh = by_param[id(e.param)]
+            replica = sh.replica_id
+            if self.sharded:  # the owner holds the only copy among the replicas: main along data parallelism
+                replica = (*replica[:-1], 0) if isinstance(replica, tuple) else 0
+            if not is_loading and e.kind == "adamw" and e.state.get("step", self.step_count) != self.step_count:
+                raise RuntimeError(f"{e.name}: AdamW step {e.state['step']} differs from the optimizer's "
+                                   f"{self.step_count}; the checkpoint stores one step count")
+            for name in self.STATE_KEYS:
+                key = f"optimizer.muon.{name}.{sh.key.removeprefix('model.')}"
+                if is_loading:
+                    if available is not None and key not in available:
+                        continue
+                    self._loading[key] = (e, name)
+                    data = torch.zeros(e.param.shape, dtype=torch.float32, device=e.param.device)
+                elif name in e.state:
+                    data = e.state[name]
+                else:
+                    continue
+                out[key] = replace(sh, key=key, data=data, replica_id=replica)
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take the tensors `dist_checkpointing.load` filled, from `sharded_state_dict(..., is_loading=True)`.
+        AdamW's step count is the optimizer's: every owned tensor is updated at every (not skipped) step."""
+        self.step_count = int(state["optimizer.muon.step_count"])
+        for key, sh in state.items():
+            if key != "optimizer.muon.step_count":
+                e, name = self._loading[key]
+                e.state[name] = sh
+        for e in self._owned():
+            if e.kind == "adamw" and "exp_avg" in e.state:
+                e.state["step"] = self.step_count
+        self._loading = {}
 
     # --- the updates ---------------------------------------------------------------------------------------------------
     def _muon(self, e: _Entry, g: torch.Tensor) -> torch.Tensor:

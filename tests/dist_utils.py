@@ -51,13 +51,25 @@ def _launch(fn, jobs, timeout):
     """Start one process per ``(env, args)`` job, wait, and report every failed process."""
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
+    # Not daemonic: ranks may start processes of their own (megatron-core's checkpoint writers fork); `finally`
+    # below kills whatever is left when the wait is interrupted.
     procs = [
-        ctx.Process(target=_worker, args=(index, env, results, fn, args), daemon=True)
+        ctx.Process(target=_worker, args=(index, env, results, fn, args), daemon=False)
         for index, (env, args) in enumerate(jobs)
     ]
-    for proc in procs:
-        proc.start()
+    try:
+        for proc in procs:
+            proc.start()
+        _wait(procs, results, timeout)
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
 
+
+def _wait(procs, results, timeout):
+    """Wait for the processes, collect their tracebacks, and fail the test on any failure."""
     failures = {}
 
     def collect():

@@ -3,11 +3,13 @@
     dsv4-export --out hf/ --model debug --seed 0                 # a freshly initialised debug model
     dsv4-export --out hf/ --weights model.pt --model flash        # a state dict saved with torch.save
     dsv4-export --out hf/ --hf other_hf_dir/ --dtype bfloat16      # re-export (e.g. change the dtype)
+    dsv4-export --out hf/ --checkpoint runs/x/checkpoints/step_00001000   # a sharded training checkpoint
+    dsv4-export --out hf/ --checkpoint runs/x                       # the latest complete checkpoint of a run
     dsv4-export --out hf/ --model debug model.num_layers=4 'model.compress_ratios=[0,4,16,4,0]'
 
 Trailing arguments are Hydra overrides of the model config. The directory loads in
-`transformers.DeepseekV4ForCausalLM.from_pretrained`. Exporting from sharded training checkpoints comes with the
-checkpoint support.
+`transformers.DeepseekV4ForCausalLM.from_pretrained`. A sharded training checkpoint (saved under any parallel
+layout) brings its own model config; it is read in this one process.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def parse_args(argv):
     src = p.add_mutually_exclusive_group()
     src.add_argument("--weights", help="a torch.save'd state dict of a dsv4 model of this config")
     src.add_argument("--hf", help="a Hugging Face deepseek_v4 directory to re-export (its config.json is used)")
+    src.add_argument("--checkpoint", help="a dsv4 sharded checkpoint folder (.../checkpoints/step_N), or a run "
+                                          "folder (its latest complete checkpoint); its model config is used")
     p.add_argument("--seed", type=int, default=0, help="init seed when no weights are given (default: 0)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating tensors before writing")
     p.add_argument("overrides", nargs="*", help="Hydra overrides of the model config, e.g. model.num_layers=4")
@@ -49,6 +53,8 @@ def main(argv=None) -> int:
     try:
         if args.hf:
             model = dsv4.load_hf(args.hf)
+        elif args.checkpoint:
+            model = _from_checkpoint(args.checkpoint, args.overrides)
         else:
             model = dsv4.build_model(args.model, args.overrides, seed=args.seed)
             if args.weights:
@@ -61,7 +67,7 @@ def main(argv=None) -> int:
                     raise KeyError(f"--weights {args.weights} does not match --model {args.model} with overrides "
                                    f"{args.overrides}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
         dsv4.export_hf(model, args.out, dtype=DTYPES.get(args.dtype))
-    except (ConfigError, FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
+    except (ConfigError, FileNotFoundError, KeyError, ValueError, RuntimeError) as e:  # CheckpointError: ValueError
         print(f"dsv4-export: {e}", file=sys.stderr)
         return 2
     n = sum(p.numel() for p in model.parameters())
@@ -71,6 +77,23 @@ def main(argv=None) -> int:
         print("dsv4-export: note: this model simulates FP8/FP4 (model.quant_sim=true); transformers computes "
               "without the simulation, so its logits differ slightly from dsv4's")
     return 0
+
+
+def _from_checkpoint(path: str, overrides):
+    """The model of a sharded checkpoint, on one process."""
+    import dsv4
+    from dsv4.model.config import ConfigError
+    from dsv4.parallel.state import init_distributed
+    from dsv4.train.checkpoint import CheckpointError, load_model_weights, model_config_of, resolve_resume
+
+    if overrides:
+        raise ConfigError(f"--checkpoint brings its model config; drop the overrides {overrides}")
+    found = resolve_resume(os.path.abspath(path), os.path.abspath(path))
+    if found is None:
+        raise CheckpointError(f"--checkpoint {path}: no complete checkpoint found")
+    model = dsv4.build_model(model_config_of(found))
+    load_model_weights(found, model, init_distributed())
+    return model
 
 
 if __name__ == "__main__":

@@ -21,10 +21,13 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.distributed import DistributedDataParallel as DDP
 from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.optimizer.optimizer import MixedPrecisionOptimizer
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 from megatron.core.optimizer_param_scheduler import ParamGroupOverride
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -37,6 +40,7 @@ from dsv4.optim.muon import no_weight_decay
 from dsv4.parallel.grads import finalize_grads
 from dsv4.parallel.state import ParallelGroups, init_distributed
 
+from .checkpoint import CheckpointError, load_checkpoint, resolve_resume, save_checkpoint
 from .data import build_data
 from .flops import device_peak_flops, training_flops_per_token
 from .metrics import Monitor, write_run_record
@@ -57,6 +61,7 @@ class TrainResult:
     history: list = field(default_factory=list)  # one dict per optimizer step
     valid_loss: Optional[float] = None
     skipped_steps: int = 0
+    evaluations: dict = field(default_factory=dict)  # step -> validation metrics of the evaluation at that step
     chunks: list = field(default_factory=list, repr=False)  # the trained model chunks of this rank
 
 
@@ -227,6 +232,21 @@ def _clip(optimizer, max_norm: float, total_norm: float) -> None:
             clip_grad_by_total_norm_fp32(params, max_norm=max_norm, total_norm=total_norm)
 
 
+def _optimizer_step(optimizer, chunks: list) -> None:
+    """Update the parameters. megatron-core 0.16.1 chains a dense and an expert DistributedOptimizer, and each one's
+    step all-gathers the parameters of every bucket (dense and expert) afterwards: twice ZeRO-1's parameter
+    all-gather per step (measured, bench/RESULTS.md). Here each one updates its shard, then the chunks gather once."""
+    inner = getattr(optimizer, "chained_optimizers", None)
+    if (not inner or not all(isinstance(o, DistributedOptimizer) for o in inner)
+            or any(o.ddp_config.overlap_param_gather or o.ddp_config.use_megatron_fsdp for o in inner)):
+        optimizer.step_with_ready_grads()
+        return
+    for opt in inner:
+        MixedPrecisionOptimizer.step_with_ready_grads(opt)  # the update, without DistributedOptimizer's gather
+    for chunk in chunks:
+        chunk.start_param_sync()
+
+
 def train_step(chunks: list, optimizer, batches: list, cfg: DSV4Config, groups: ParallelGroups, step: int) -> dict:
     """One optimizer step over the micro-batches of a global batch; returns its metrics.
 
@@ -263,7 +283,7 @@ def train_step(chunks: list, optimizer, batches: list, cfg: DSV4Config, groups: 
         return metrics
     if cfg.optim.grad_clip > 0:
         _clip(optimizer, cfg.optim.grad_clip, norm)
-    optimizer.step_with_ready_grads()
+    _optimizer_step(optimizer, chunks)
     metrics.update(expert_loads(chunks))
     for chunk in chunks:
         update_expert_bias(unwrap(chunk), cfg.model.bias_update_rate, groups.tp_dp)
@@ -306,6 +326,7 @@ def train(cfg: DSV4Config, run_dir: Optional[str] = None) -> TrainResult:
     chunks = build_model(cfg, groups)
     optimizer = build_optimizer(chunks, cfg, groups)
     data = build_data(cfg, dp_rank=groups.dp_rank, dp_size=groups.dp_size)
+    start = _resume(cfg, run_dir, chunks, optimizer, data, groups)  # before anything is written to the run folder
     if rank0:
         write_run_record(run_dir, cfg)
     monitor = Monitor(run_dir, cfg.run.steps, enabled=rank0, progress_bar=cfg.run.progress_bar)
@@ -320,8 +341,11 @@ def train(cfg: DSV4Config, run_dir: Optional[str] = None) -> TrainResult:
     result = TrainResult(run_dir=run_dir, chunks=chunks)
     skipped_in_a_row = 0
     train_iter = iter(data.train)
+    if start:
+        monitor.message(f"resumed at step {start} ({data.train.consumed_samples} samples consumed)")
+    saves = AsyncCallsQueue() if cfg.run.async_save else None
     try:
-        for step in range(cfg.run.steps):
+        for step in range(start, cfg.run.steps):
             t0 = time.perf_counter()
             phase = [unwrap(c).set_step(step) for c in chunks][0]
             batches = [next(train_iter) for _ in range(n_micro)]
@@ -339,6 +363,7 @@ def train(cfg: DSV4Config, run_dir: Optional[str] = None) -> TrainResult:
                                          f"optim.lr or check the data (run.max_skipped_steps={cfg.run.max_skipped_steps})")
             result.history.append(metrics)
             done = step + 1
+            monitor.record(done, metrics)
             if done % cfg.run.log_interval == 0 or done == cfg.run.steps or metrics["skipped"]:
                 monitor.scalars(done, {_tb_name(k): v for k, v in metrics.items()
                                        if k not in ("tokens", "skipped")})
@@ -350,12 +375,37 @@ def train(cfg: DSV4Config, run_dir: Optional[str] = None) -> TrainResult:
                                                                        and done % cfg.run.eval_interval == 0)):
                 valid = evaluate(chunks, data.valid(cfg.run.eval_iters), cfg, groups)
                 result.valid_loss = valid["valid/lm_loss"]
+                result.evaluations[done] = valid
                 monitor.scalars(done, valid)
                 monitor.message(f"step {done}: " + " ".join(f"{k.removeprefix('valid/')} {v:.4f}"
                                                             for k, v in valid.items()))
+            if saves is not None:
+                saves.maybe_finalize_async_calls(blocking=False)  # publish background saves that have finished
+            if cfg.run.save_interval and (done % cfg.run.save_interval == 0 or done == cfg.run.steps):
+                path = save_checkpoint(run_dir, done, chunks, optimizer, data.train, cfg, groups, saves)
+                monitor.message(f"step {done}: checkpoint {path}" + (" (writing in the background)" if saves else ""))
+        if saves is not None:
+            saves.maybe_finalize_async_calls(blocking=True)
     finally:
         monitor.close()
     return result
+
+
+def _resume(cfg: DSV4Config, run_dir: str, chunks: list, optimizer, data, groups: ParallelGroups) -> int:
+    """Load the checkpoint run.resume names (rank 0 decides which, every rank loads its part); returns the step to
+    continue from (0: a fresh start). Raises CheckpointError on every rank."""
+    choice = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            choice[0] = resolve_resume(cfg.run.resume, run_dir)
+        except CheckpointError as e:
+            choice[1] = str(e)
+    dist.broadcast_object_list(choice, src=0)
+    if choice[1]:
+        raise CheckpointError(choice[1])
+    if choice[0] is None:
+        return 0
+    return load_checkpoint(choice[0], chunks, optimizer, data.train, cfg, groups)
 
 
 def _tb_name(key: str) -> str:

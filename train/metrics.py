@@ -56,6 +56,7 @@ class Monitor:
     def __init__(self, run_dir: str, total_steps: int, enabled: bool, progress_bar: bool):
         self.enabled, self.total = enabled, total_steps
         self.writer = None
+        self.log = None
         self.bar = None
         self.start = time.perf_counter()
         if not enabled:
@@ -63,6 +64,8 @@ class Monitor:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(os.path.join(run_dir, "tb"))
+        # Every step's metrics at full precision, appended (a resumed run adds the steps it redoes again).
+        self.log = open(os.path.join(run_dir, "metrics.jsonl"), "a")
         if progress_bar and sys.stderr.isatty():
             try:
                 from tqdm import tqdm
@@ -75,6 +78,13 @@ class Monitor:
         if self.writer is not None:
             for name, value in values.items():
                 self.writer.add_scalar(name, value, step)
+
+    def record(self, step: int, metrics: dict) -> None:
+        """One line of metrics.jsonl: {"step": step, **metrics} (numbers and flags only)."""
+        if self.log is not None:
+            row = {"step": step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))}}
+            self.log.write(json.dumps(row) + "\n")
+            self.log.flush()
 
     def progress(self, step: int, line: str, loss: float | None = None) -> None:
         """After optimizer step `step` (1-based): update the bar, or print a line with the ETA."""
@@ -99,6 +109,8 @@ class Monitor:
             print(text, flush=True)
 
     def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:
