@@ -214,13 +214,26 @@ class _Planted:
         return (os.system, (f"touch {self.marker}",))
 
 
-def _plant(ckpt, victim, marker):
+def _dotted_global(marker) -> bytes:
+    """A pickle that calls os.system through an allowed module's attribute path (STACK_GLOBAL of
+    `torch.distributed.checkpoint.filesystem` / `os.system`): an allow-list by module alone would run it."""
+    def text(s):
+        b = s.encode()
+        return b"\x8c" + bytes([len(b)]) + b
+    return (b"\x80\x04" + text("torch.distributed.checkpoint.filesystem") + text("os.system") + b"\x93"
+            + text(f"touch {marker}") + b"\x85R.")
+
+
+def _plant(ckpt, victim, marker, payload=None):
     """Replace `victim` with a malicious pickle and record its hash, as a forger who rewrites dsv4.json would."""
     import hashlib
 
     path = os.path.join(ckpt, victim)
     with open(path, "wb") as f:
-        pickle.dump(_Planted(str(marker)), f)
+        if payload is None:
+            pickle.dump(_Planted(str(marker)), f)
+        else:
+            f.write(payload)
     with open(os.path.join(ckpt, "dsv4.json")) as f:
         record = json.load(f)
     with open(path, "rb") as f:
@@ -229,11 +242,12 @@ def _plant(ckpt, victim, marker):
         json.dump(record, f)
 
 
-@pytest.mark.parametrize("victim", [".metadata", "common.pt"])
-def test_planted_pickle_is_refused_without_running_it(saved_run, tmp_path, victim):
+@pytest.mark.parametrize("victim,dotted", [(".metadata", False), (".metadata", True), ("common.pt", False),
+                                           ("common.pt", True)])
+def test_planted_pickle_is_refused_without_running_it(saved_run, tmp_path, victim, dotted):
     _, ckpt = _bad_copy(saved_run, tmp_path)
     marker = tmp_path / "pwned"
-    _plant(ckpt, victim, marker)
+    _plant(ckpt, victim, marker, _dotted_global(marker) if dotted else None)
     message = _verify_error(ckpt)
     assert victim in message and "refused" in message
     assert not marker.exists(), "the planted pickle ran"

@@ -34,6 +34,7 @@ import pickle
 import re
 import shutil
 import signal
+import sys
 from multiprocessing.managers import SyncManager
 from typing import Optional
 
@@ -272,19 +273,24 @@ def _fsync_dir(path: str) -> None:
 # --- verify ------------------------------------------------------------------------------------------------------------
 
 class _SafeUnpickler(pickle.Unpickler):
-    """Unpickles DCP metadata: its dataclasses, torch sizes/dtypes and plain containers; refuses anything else (a
-    planted pickle would otherwise run code at load)."""
+    """Unpickles DCP metadata: the classes defined in PyTorch's checkpoint metadata modules (and megatron's), torch
+    sizes, dtypes and layouts, and plain containers; refuses anything else, so a planted pickle cannot call a
+    function (a dotted name such as `module.os.system` is refused too)."""
 
-    ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
-                       "torch.distributed.checkpoint.planner", "megatron.core.dist_checkpointing.strategies.torch")
+    CLASS_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
+                     "torch.distributed.checkpoint.planner", "megatron.core.dist_checkpointing.strategies.torch")
     ALLOWED = {("torch", "Size"), ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
-               ("torch.serialization", "_get_layout")}  # torch.layout by name, from a fixed table
+               ("torch.serialization", "_get_layout")}  # the last: torch.layout by name, from a fixed table
 
     def find_class(self, module: str, name: str):
-        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        layout = module == "torch" and isinstance(getattr(torch, name, None), (torch.layout, torch.memory_format))
-        if module in self.ALLOWED_MODULES or (module, name) in self.ALLOWED or dtype or layout:
-            return super().find_class(module, name)
+        if "." not in name:
+            if (module, name) in self.ALLOWED:
+                return super().find_class(module, name)
+            obj = getattr(sys.modules.get(module), name, None)
+            if module == "torch" and isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
+                return obj
+            if module in self.CLASS_MODULES and isinstance(obj, type) and obj.__module__ == module:
+                return obj
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
 
 
