@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from dsv4.model.config import ConfigError
 from dsv4.model.config import require as _need
+from dsv4.train.preemption import signal_number
 
 
 @dataclass
@@ -205,6 +207,11 @@ class RunConfig:
     """Complete checkpoints kept (older ones are deleted once a newer one is complete)."""
     async_save: bool = False
     """Write checkpoints in the background (megatron-core async save); published when the write has finished."""
+    stop_signals: List[str] = field(default_factory=lambda: ["USR1", "TERM"])
+    """Signals that stop training after the current step with a checkpoint (SLURM: --signal=USR1@N, SIGTERM at
+    the time limit); the handlers are installed at start-up."""
+    requeue_on: List[str] = field(default_factory=lambda: ["USR1"])
+    """Inside a SLURM job, a stop by one of these signals requeues the job (scontrol requeue) after the save."""
     resume: str = "auto"
     """auto: continue from the latest complete checkpoint of output_dir, if any; none: start fresh; or a path to a
     checkpoint folder (.../checkpoints/step_N) or a run folder, loaded under this run's parallel layout."""
@@ -219,6 +226,14 @@ class RunConfig:
         _need(self.save_interval >= 0, "run.save_interval", f"must be >= 0 (0 disables), got {self.save_interval}")
         _need(self.keep_last > 0, "run.keep_last", f"must be >= 1, got {self.keep_last}")
         _need(bool(self.resume), "run.resume", "is empty: use auto, none, or a checkpoint path")
+        for key in ("stop_signals", "requeue_on"):
+            for name in getattr(self, key):
+                try:
+                    signal_number(name)
+                except ValueError:
+                    raise ConfigError(f"run.{key}: unknown signal {name!r}; use names like USR1, USR2, TERM, INT")
+        _need(set(self.requeue_on) <= set(self.stop_signals), "run.requeue_on",
+              f"{list(self.requeue_on)} must be among run.stop_signals {list(self.stop_signals)}")
 
 
 @dataclass

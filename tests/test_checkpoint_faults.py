@@ -1,4 +1,5 @@
-"""Faults with killed processes: real `torchrun` runs of dsv4-train on two gloo ranks (dp2), killed with SIGKILL.
+"""Faults and stop signals: real `torchrun` runs of dsv4-train on two gloo ranks (dp2), killed with SIGKILL or
+stopped with SLURM's signals (USR1 warning, SIGTERM).
 
 Kill one rank mid-run: the launch fails, a relaunch (run.resume=auto) resumes from the latest complete checkpoint and
 logs the same losses, bit for bit, as an uninterrupted run (CPU training is deterministic). Kill during a save: the
@@ -45,10 +46,11 @@ class Launch:
     processes (each in a session of its own: torchrun starts them with start_new_session) so that `cleanup` can
     kill every process of the launch, whatever happened."""
 
-    def __init__(self, cache_dir: str, run_dir: str, log_path: str):
+    def __init__(self, cache_dir: str, run_dir: str, log_path: str, extra_env: dict | None = None):
         self.log_path = log_path
         env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_ENV}
         env["OMP_NUM_THREADS"] = "1"
+        env.update(extra_env or {})
         self.run_arg = f"run.output_dir={run_dir}"
         self.cmd = [TORCHRUN, "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "dsv4.train",
                     f"data.cache_dir={cache_dir}", self.run_arg, *OVERRIDES]
@@ -329,3 +331,41 @@ def test_crash_between_rename_and_marker_update_resumes_from_the_newest(tmp_path
         (folder / "dsv4.json").write_text(json.dumps({"format": 1, "step": step}))
     (root / "latest").write_text("step_00000002")
     assert resolve_resume("auto", str(tmp_path / "run")) == str(root / "step_00000004")
+
+
+@pytest.mark.parametrize("signame,victims", [("SIGUSR1", [1]), ("SIGTERM", [0, 1])],
+                         ids=["usr1-to-one-rank-requeues", "term-to-all-ranks"])
+def test_stop_signal_saves_the_step_and_the_relaunch_continues(cache_dir, tmp_path, reference, signame, victims):
+    """SLURM's warning (USR1, here reaching one rank only) or its SIGTERM: every rank finishes the same step, that
+    step is saved, and the run exits with 128 + the signal. Inside a SLURM job (faked: SLURM_JOB_ID and an
+    `scontrol` on PATH that records its arguments) a USR1 stop requeues the job; SIGTERM does not. The relaunch
+    resumes at that step with the losses of the uninterrupted run."""
+    run_dir = tmp_path / "run"
+    fake_bin, calls = tmp_path / "bin", tmp_path / "scontrol.calls"
+    fake_bin.mkdir()
+    (fake_bin / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    (fake_bin / "scontrol").chmod(0o755)
+    env = {"PATH": f"{fake_bin}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}
+    run = Launch(cache_dir, str(run_dir), str(tmp_path / "stopped.log"), extra_env=env)
+    try:
+        workers = run.workers(time.monotonic() + RUN_TIMEOUT_S)
+        _wait_for_step(run, run_dir, 5)
+        for rank in victims:
+            workers[rank].send_signal(getattr(signal, signame))
+        rc = run.wait(RUN_TIMEOUT_S)
+        run.assert_nothing_left()
+    finally:
+        run.cleanup()
+    out = run.output()
+    assert rc != 0, f"a stopped run must not report success\n{run.tail()}"
+    assert f"exitcode  : {128 + getattr(signal, signame)}" in out, run.tail()
+    stopped = [int(s) for s in re.findall(rf"step (\d+): stopping on {signame}, checkpoint", out)]
+    assert len(stopped) == 1 and 5 <= stopped[0] < STEPS, run.tail()
+    assert _complete_steps(run_dir)[-1] == stopped[0]
+    assert _metrics(run_dir)[-1]["step"] == stopped[0]  # nothing trained after the stop
+    if signame == "SIGUSR1":
+        assert calls.read_text().split() == ["requeue", "4242"]
+        assert "requeued SLURM job 4242" in out
+    else:
+        assert not calls.exists()
+    _relaunch_and_check(cache_dir, tmp_path, run_dir, reference, stopped[0], signame)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from dsv4.parallel.state import ParallelGroups, init_distributed
 
 from .checkpoint import CheckpointError, load_checkpoint, resolve_resume, save_checkpoint
 from .data import build_data
+from .preemption import StopRequest, requeue_slurm_job
 from .flops import device_peak_flops, training_flops_per_token
 from .metrics import Monitor, write_run_record
 from .schedules import learning_rate, mtp_loss_weight
@@ -62,6 +64,7 @@ class TrainResult:
     valid_loss: Optional[float] = None
     skipped_steps: int = 0
     evaluations: dict = field(default_factory=dict)  # step -> validation metrics of the evaluation at that step
+    stopped_by: Optional[str] = None  # the signal that stopped the run before run.steps (a checkpoint was saved)
     chunks: list = field(default_factory=list, repr=False)  # the trained model chunks of this rank
 
 
@@ -318,7 +321,18 @@ def evaluate(chunks: list, batches, cfg: DSV4Config, groups: ParallelGroups) -> 
 # --- the run -------------------------------------------------------------------------------------------------------
 
 def train(cfg: DSV4Config, run_dir: Optional[str] = None) -> TrainResult:
-    """Train `cfg.run.steps` optimizer steps; `cfg` must be validated (compose_config / to_config do it)."""
+    """Train `cfg.run.steps` optimizer steps; `cfg` must be validated (compose_config / to_config do it).
+
+    The stop-signal handlers (run.stop_signals) are installed first, so that a signal during start-up (SLURM may
+    warn early) is not fatal: it stops the run after its first step, with a checkpoint."""
+    stop = StopRequest(cfg.run.stop_signals)
+    try:
+        return _train(cfg, run_dir, stop)
+    finally:
+        stop.restore()
+
+
+def _train(cfg: DSV4Config, run_dir: Optional[str], stop: StopRequest) -> TrainResult:
     p = cfg.parallel
     groups = init_distributed(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, vpp=p.vpp)
     run_dir = run_dir or cfg.run.output_dir
@@ -344,6 +358,7 @@ def train(cfg: DSV4Config, run_dir: Optional[str] = None) -> TrainResult:
     if start:
         monitor.message(f"resumed at step {start} ({data.train.consumed_samples} samples consumed)")
     saves = AsyncCallsQueue() if cfg.run.async_save else None
+    device = next(chunks[0].parameters()).device
     try:
         for step in range(start, cfg.run.steps):
             t0 = time.perf_counter()
@@ -381,9 +396,22 @@ def train(cfg: DSV4Config, run_dir: Optional[str] = None) -> TrainResult:
                                                             for k, v in valid.items()))
             if saves is not None:
                 saves.maybe_finalize_async_calls(blocking=False)  # publish background saves that have finished
-            if cfg.run.save_interval and (done % cfg.run.save_interval == 0 or done == cfg.run.steps):
+            saved = cfg.run.save_interval and (done % cfg.run.save_interval == 0 or done == cfg.run.steps)
+            if saved:
                 path = save_checkpoint(run_dir, done, chunks, optimizer, data.train, cfg, groups, saves)
                 monitor.message(f"step {done}: checkpoint {path}" + (" (writing in the background)" if saves else ""))
+            signum = stop.agreed(device)  # SLURM's USR1 warning / SIGTERM, on any rank: save and stop
+            if signum and done < cfg.run.steps:
+                result.stopped_by = signal.Signals(signum).name
+                if not saved:
+                    path = save_checkpoint(run_dir, done, chunks, optimizer, data.train, cfg, groups, saves)
+                if saves is not None:
+                    saves.maybe_finalize_async_calls(blocking=True)
+                note = ""
+                if result.stopped_by.removeprefix("SIG") in cfg.run.requeue_on and dist.get_rank() == 0:
+                    note = "; " + requeue_slurm_job()
+                monitor.message(f"step {done}: stopping on {result.stopped_by}, checkpoint {path}{note}")
+                break
         if saves is not None:
             saves.maybe_finalize_async_calls(blocking=True)
     finally:

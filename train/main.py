@@ -11,6 +11,7 @@ Bad configuration fails before any process group or data is touched, with a mess
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import warnings
 
@@ -54,6 +55,8 @@ def _run(dcfg: DictConfig) -> float | None:
     except (NonFiniteLossError, FileNotFoundError, ValueError) as e:
         print(f"dsv4-train: {e}", file=sys.stderr)
         sys.exit(1)
+    if result.stopped_by:  # stopped early by a signal, with a checkpoint: not finished, resumable
+        sys.exit(128 + int(getattr(signal, result.stopped_by)))
     return result.valid_loss  # what a Hydra sweeper would optimise
 
 
