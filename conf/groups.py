@@ -7,12 +7,15 @@ conf/<group>/*.yaml hold values only.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 from dsv4.model.config import ConfigError
 from dsv4.model.config import require as _need
 from dsv4.train.preemption import signal_number
+
+_TIME = re.compile(r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$")
 
 
 @dataclass
@@ -238,10 +241,58 @@ class RunConfig:
 
 @dataclass
 class ClusterConfig:
-    """Where the job runs: local (one machine, torchrun or a single process). SLURM lands later."""
+    """Where the job runs: local (one machine: one process or torchrun), or slurm (`dsv4-submit` renders an sbatch
+    script from these values and submits it; srun starts one task per rank)."""
 
     kind: str = "local"
-    """local."""
+    """local | slurm."""
+    nodes: int = 1
+    """slurm: nodes of the job."""
+    gpus_per_node: int = 0
+    """slurm: GPUs per node, one rank each (0: a CPU job with tasks_per_node ranks per node)."""
+    tasks_per_node: int = 1
+    """slurm, CPU jobs (gpus_per_node=0): ranks per node."""
+    cpus_per_task: int = 1
+    """slurm: CPU cores per rank."""
+    time: str = "01:00:00"
+    """slurm: time limit of one job ([days-]hours:minutes:seconds)."""
+    partition: str = ""
+    """slurm: partition (empty: the cluster's default)."""
+    account: str = ""
+    """slurm: account to charge (empty: your default)."""
+    qos: str = ""
+    """slurm: quality of service (empty: the default)."""
+    job_name: str = "dsv4"
+    """slurm: job name; also names the run folder <runs_root>/<job_name>-<job id>."""
+    runs_root: str = "runs"
+    """slurm: where run folders are made, unless run.output_dir is given explicitly."""
+    signal_lead_s: int = 180
+    """slurm: --signal=USR1@<this>: warn the job this many seconds before its time limit (SLURM may send it up to
+    60 s earlier) so it can checkpoint and requeue itself."""
+    extra_sbatch: List[str] = field(default_factory=list)
+    """slurm: more #SBATCH lines, e.g. ["--exclusive", "--mem=0", "--constraint=h100"]."""
+    setup: List[str] = field(default_factory=list)
+    """slurm: shell lines run before srun (module load ..., source venv/bin/activate, export NCCL_...)."""
+    master_addr: str = ""
+    """slurm: rendezvous host (empty: the job's first node, from scontrol show hostnames)."""
 
     def validate(self) -> None:
-        _need(self.kind == "local", "cluster.kind", f"{self.kind!r}: only local is available (SLURM lands later)")
+        _need(self.kind in ("local", "slurm"), "cluster.kind", f"{self.kind!r}: choose local or slurm")
+        for key in ("nodes", "tasks_per_node", "cpus_per_task"):
+            _need(getattr(self, key) >= 1, f"cluster.{key}", f"must be >= 1, got {getattr(self, key)}")
+        _need(self.gpus_per_node >= 0, "cluster.gpus_per_node", f"must be >= 0, got {self.gpus_per_node}")
+        _need(self.signal_lead_s >= 0, "cluster.signal_lead_s", f"must be >= 0, got {self.signal_lead_s}")
+        _need(_TIME.match(self.time) is not None, "cluster.time",
+              f"{self.time!r}: use [days-]hours:minutes:seconds, e.g. 04:00:00 or 2-00:00:00")
+        _need(bool(self.job_name) and "/" not in self.job_name and " " not in self.job_name, "cluster.job_name",
+              f"{self.job_name!r}: a non-empty name without '/' or spaces")
+        for line in self.extra_sbatch:
+            _need(line.startswith("-"), "cluster.extra_sbatch", f"{line!r}: give sbatch options like --exclusive")
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.gpus_per_node or self.tasks_per_node
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.ranks_per_node

@@ -156,14 +156,18 @@ def compose_config(model: str = "debug", overrides: Sequence[str] = (), world_si
     Example: `compose_config("flash", ["model.num_layers=4", "data.seq_length=4096"])`. The layout checks use
     `world_size` ranks (default: $WORLD_SIZE, else 1).
     """
+    return to_config(compose_raw(model, overrides), world_size)
+
+
+def compose_raw(model: str = "debug", overrides: Sequence[str] = ()) -> DictConfig:
+    """The composed DictConfig, before type and layout checks (ConfigError for unknown presets and keys)."""
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-            cfg = compose("config", overrides=[f"model={model}", *overrides])
+            return compose("config", overrides=[f"model={model}", *overrides])
     except MissingConfigException as e:
         raise ConfigError(_missing_preset_message(e, model)) from e
     except (HydraException, OmegaConfBaseException) as e:
         raise _as_config_error(e) from e
-    return to_config(cfg, world_size)
 
 
 def to_config(cfg: DictConfig, world_size: int | None = None) -> DSV4Config:
