@@ -356,7 +356,8 @@ def _train(cfg: DSV4Config, run_dir: Optional[str], stop: StopRequest) -> TrainR
     skipped_in_a_row = 0
     train_iter = iter(data.train)
     if start:
-        monitor.message(f"resumed at step {start} ({data.train.consumed_samples} samples consumed)")
+        left = f"{cfg.run.steps - start} steps to go" if start < cfg.run.steps else "nothing left to train"
+        monitor.message(f"resumed at step {start} ({data.train.consumed_samples} samples consumed), {left}")
     saves = AsyncCallsQueue() if cfg.run.async_save else None
     device = next(chunks[0].parameters()).device
     try:

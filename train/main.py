@@ -30,6 +30,8 @@ warnings.filterwarnings("ignore", message=r"`torch.distributed.(all_gather_into_
                                           "deprecated")
 warnings.filterwarnings("ignore", message="When using sequence parallelism it is recommended to set the environment")
 warnings.filterwarnings("ignore", message="full scope is deprecated")
+# megatron-core 0.16.1's checkpoint loader calls a DCP function torch 2.13 deprecates.
+warnings.filterwarnings("ignore", message="`load_state_dict` is deprecated and will be removed")
 # The distributed optimizer's zero_grad sets `.grad = None` on its shard views (harmless; megatron-core 0.16.1).
 warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf Tensor is being accessed")
 
