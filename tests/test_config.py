@@ -21,7 +21,7 @@ from dsv4.conf.schema import _GROUPS, CONF_DIR, DSV4Config, compose_config, regi
 from dsv4.model.config import ConfigError, ModelConfig
 
 GROUP_PRESETS = {"model": ["debug", "flash", "pro"], "parallel": ["ep2", "pp2", "single", "tp2"], "optim": ["adamw", "muon"],
-                 "data": ["embedded"], "precision": ["bf16", "fp32"], "run": ["default"], "cluster": ["local"]}
+                 "data": ["embedded"], "precision": ["bf16", "fp32"], "run": ["default"], "cluster": ["local", "slurm"]}
 """Every preset shipped in conf/<group>/ (the test below checks this list against the folders)."""
 
 LAYOUT_LAUNCH = {"tp2": (2, []), "pp2": (2, []), "ep2": (2, ["data.global_batch_size=8"])}
@@ -246,7 +246,7 @@ def test_tensor_parallel_override_uses_the_world_size_from_the_environment(monke
     ("data.micro_batch_size=0", "data.micro_batch_size"),
     ("precision.params_dtype=float16", "precision.params_dtype"),
     ("run.steps=0", "run.steps"),
-    ("cluster.kind=slurm", "cluster.kind"),
+    ("cluster.kind=pbs", "cluster.kind"),
     ("optim.warmup_steps=300", "optim.warmup_steps"),  # a cross-group check
 ])
 def test_compose_config_runs_every_groups_validation(override, key):
@@ -745,9 +745,23 @@ def test_run_max_skipped_steps_positive(base):
 # cluster
 
 
-@pytest.mark.parametrize("value", ["slurm", "k8s", ""])
-def test_cluster_kind_is_local(base, value):
-    assert_invalid(changed(base, cluster__kind=value), "cluster.kind", f"'{value}': only local is available")
+@pytest.mark.parametrize("value", ["pbs", "k8s", ""])
+def test_cluster_kind_is_local_or_slurm(base, value):
+    assert_invalid(changed(base, cluster__kind=value), "cluster.kind", f"'{value}': choose local or slurm")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("nodes", 0, "must be >= 1"),
+    ("tasks_per_node", 0, "must be >= 1"),
+    ("cpus_per_task", 0, "must be >= 1"),
+    ("gpus_per_node", -1, "must be >= 0"),
+    ("signal_lead_s", -5, "must be >= 0"),
+    ("time", "4h", r"use \[days-\]hours:minutes:seconds"),
+    ("job_name", "my job", "without '/' or spaces"),
+    ("extra_sbatch", ["exclusive"], "give sbatch options like --exclusive"),
+])
+def test_cluster_slurm_values_are_checked(base, field, value, message):
+    assert_invalid(changed(base, **{f"cluster__{field}": value}), f"cluster.{field}", message)
 
 
 # --- one test per check in DSV4Config.validate (across groups) -------------------------------------------------------
