@@ -210,9 +210,10 @@ class RunConfig:
     """Complete checkpoints kept (older ones are deleted once a newer one is complete)."""
     async_save: bool = False
     """Write checkpoints in the background (megatron-core async save); published when the write has finished."""
-    stop_signals: List[str] = field(default_factory=lambda: ["USR1", "TERM"])
-    """Signals that stop training after the current step with a checkpoint (SLURM: --signal=USR1@N, SIGTERM at
-    the time limit); the handlers are installed at start-up."""
+    stop_signals: List[str] = field(default_factory=lambda: ["USR1"])
+    """Signals that stop training after the current step with a checkpoint (SLURM: --signal=USR1@N); the handlers
+    are installed at start-up. Adding TERM saves on SIGTERM too, but then a SIGTERM no longer ends a rank at once:
+    torchrun's and SLURM's clean-up after a failure waits for the step (or their SIGKILL)."""
     requeue_on: List[str] = field(default_factory=lambda: ["USR1"])
     """Inside a SLURM job, a stop by one of these signals requeues the job (scontrol requeue) after the save."""
     resume: str = "auto"

@@ -46,14 +46,15 @@ class Launch:
     processes (each in a session of its own: torchrun starts them with start_new_session) so that `cleanup` can
     kill every process of the launch, whatever happened."""
 
-    def __init__(self, cache_dir: str, run_dir: str, log_path: str, extra_env: dict | None = None):
+    def __init__(self, cache_dir: str, run_dir: str, log_path: str, extra_env: dict | None = None,
+                 extra_overrides: tuple = ()):
         self.log_path = log_path
         env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_ENV}
         env["OMP_NUM_THREADS"] = "1"
         env.update(extra_env or {})
         self.run_arg = f"run.output_dir={run_dir}"
         self.cmd = [TORCHRUN, "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "dsv4.train",
-                    f"data.cache_dir={cache_dir}", self.run_arg, *OVERRIDES]
+                    f"data.cache_dir={cache_dir}", self.run_arg, *OVERRIDES, *extra_overrides]
         with open(log_path, "w") as log:
             self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          cwd=os.path.dirname(run_dir), start_new_session=True)
@@ -346,7 +347,8 @@ def test_stop_signal_saves_the_step_and_the_relaunch_continues(cache_dir, tmp_pa
     (fake_bin / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
     (fake_bin / "scontrol").chmod(0o755)
     env = {"PATH": f"{fake_bin}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}
-    run = Launch(cache_dir, str(run_dir), str(tmp_path / "stopped.log"), extra_env=env)
+    run = Launch(cache_dir, str(run_dir), str(tmp_path / "stopped.log"), extra_env=env,
+                 extra_overrides=("run.stop_signals=[USR1,TERM]",))  # TERM is opt-in
     try:
         workers = run.workers(time.monotonic() + RUN_TIMEOUT_S)
         _wait_for_step(run, run_dir, 5)

@@ -1,7 +1,9 @@
 """Stopping on a signal without losing work: finish the step, save a checkpoint, requeue the SLURM job, exit.
 
 SLURM warns a job before its time limit or a preemption with the signal of `--signal=USR1@<seconds>` (it can come
-up to 60 s early), and ends it with SIGTERM (then SIGKILL after KillWait). The handlers are installed when
+up to 60 s early), and ends it with SIGTERM (then SIGKILL after KillWait). USR1 is handled by default; TERM only
+when listed in run.stop_signals, since a handled SIGTERM stops ending a rank at once (torchrun and SLURM send it
+to clean up after a failure, and to end the old step after a requeue). The handlers are installed when
 training starts and only record the signal; the training loop asks after every step whether any rank got one
 (one small all-reduce, since SLURM does not signal all ranks at the same instant), and if so all ranks save the
 step they have finished and stop together. Inside a SLURM job, a stop by a signal of `run.requeue_on` requeues the
