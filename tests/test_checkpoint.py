@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from dist_utils import run_workers
+from run_logs import logged_losses as _losses
 
 COMMON = ["run.progress_bar=false", "optim.warmup_steps=2", "run.steps=6", "run.save_interval=3",
           "run.eval_interval=3", "run.eval_iters=4", "data.global_batch_size=4"]
@@ -26,16 +27,6 @@ def _cfg(cache_dir, run_dir, overrides, world_size=1):
 
     return compose_config("debug", [f"data.cache_dir={cache_dir}", f"run.output_dir={run_dir}", *COMMON,
                                     *overrides], world_size=world_size)
-
-
-def _losses(run_dir) -> dict:
-    """step -> loss of metrics.jsonl (a step logged twice, before a crash and after the resume: the later one)."""
-    out = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            out[row["step"]] = row["loss"]
-    return out
 
 
 def _train(rank, world_size, cache_dir, run_dir, overrides, result_file=None):

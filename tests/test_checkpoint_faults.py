@@ -20,6 +20,7 @@ import time
 
 import psutil
 import pytest
+from run_logs import logged_losses, metrics_rows as _metrics
 
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 STEPS = 12
@@ -157,25 +158,6 @@ def _kill(p: psutil.Process) -> None:
         pass
 
 
-def _metrics(run_dir) -> list:
-    """The rows of metrics.jsonl so far (a line still being written is left out)."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path) as f:
-        for line in f:
-            if not line.endswith("\n"):
-                break
-            rows.append(json.loads(line))
-    return rows
-
-
-def _final_losses(rows: list) -> dict:
-    """step -> loss, a step logged twice (before a kill, after the resume): the later line."""
-    return {r["step"]: r["loss"] for r in rows}
-
-
 def _complete_steps(run_dir) -> list:
     """Steps of the complete checkpoints (step_N/ with its completion mark dsv4.json), oldest first."""
     root = os.path.join(run_dir, "checkpoints")
@@ -199,7 +181,7 @@ def reference(cache_dir, tmp_path_factory):
         assert rc == 0, f"the uninterrupted run failed ({rc})\n{run.tail()}"
     finally:
         run.cleanup()
-    losses = _final_losses(_metrics(base / "run"))
+    losses = logged_losses(base / "run")
     assert sorted(losses) == list(range(1, STEPS + 1)), run.tail()
     return losses
 
@@ -240,7 +222,7 @@ def _relaunch_and_check(cache_dir, base, run_dir, reference, expected_start: int
             assert r["loss"] == reference[r["step"]], \
                 f"{what}: step {r['step']} loss {r['loss']!r} after the resume, {reference[r['step']]!r} " \
                 f"uninterrupted\n{run.tail()}"
-        assert _final_losses(rows)[STEPS] == reference[STEPS], what
+        assert {r["step"]: r["loss"] for r in rows}[STEPS] == reference[STEPS], what
         assert _complete_steps(run_dir)[-1] == STEPS, what
         leftovers = [n for n in os.listdir(os.path.join(run_dir, "checkpoints")) if n.endswith(".partial")]
         assert not leftovers, f"{what}: torn folders left after a clean finish: {leftovers}"
@@ -267,7 +249,7 @@ def test_kill_one_rank_mid_run_then_resume_reaches_the_same_loss(cache_dir, tmp_
             _killed_launch_fails(run, what)
         finally:
             run.cleanup()
-        before = _final_losses(_metrics(run_dir))
+        before = logged_losses(run_dir)
         assert max(before) >= kill_after, what
         for step, loss in before.items():  # the killed run followed the uninterrupted one while it lasted
             assert loss == reference[step], (what, step)

@@ -3,7 +3,6 @@ slurmd "nodes"). The jobs train the debug model on 2 nodes x 2 ranks (tp2 x dp2)
 run under plain torchrun; a job warned with USR1 (as --signal=USR1@N does) checkpoints, requeues itself, resumes
 and ends at the same loss. When SLURM cannot be brought up here the tests skip with the reason."""
 
-import json
 import os
 import re
 import subprocess
@@ -11,6 +10,7 @@ import sys
 import time
 
 import pytest
+from run_logs import logged_losses as _losses
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
@@ -40,15 +40,6 @@ def slurm(tmp_path_factory):
     finally:
         subprocess.run(["scancel", "--user=root"], env=env, capture_output=True)
         subprocess.run([script, "down", str(state)], capture_output=True, timeout=60)
-
-
-def _losses(run_dir) -> dict:
-    out = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            out[row["step"]] = row["loss"]
-    return out
 
 
 @pytest.fixture(scope="module")

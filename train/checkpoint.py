@@ -391,17 +391,8 @@ def load_checkpoint(path: str, chunks, optimizer, loader, cfg, groups) -> int:
     available = set(dist_checkpointing.load_tensors_metadata(path).keys())
     state = sharded_state(chunks, optimizer, cfg, groups, record["step"], record["consumed_samples"],
                           is_loading=True, available=available, with_rng=same_layout)
-    # dist_checkpointing.load replaces the ShardedTensors in `state` by tensors: note what they stood for first.
-    targets = {key: sh.data for key, sh in state["model"].items()}
     keys = {id(sh.data): key.removeprefix("model.") for key, sh in state["model"].items()}
-    try:
-        # Loading reads any slice, from any replica: the access check is for saves (one writer per slice).
-        loaded = dist_checkpointing.load(state, path, strict=StrictHandling.RAISE_UNEXPECTED,
-                                         validate_access_integrity=False)
-    except Exception as e:  # noqa: BLE001 - DCP/megatron raise many kinds; name the checkpoint and the cause
-        raise CheckpointError(f"{path}: loading failed ({type(e).__name__}: {str(e).splitlines()[0][:400]}); "
-                              f"the checkpoint does not fit this model or is damaged") from e
-    _fill(targets, loaded["model"])
+    loaded = _load(state, path)
     if isinstance(optimizer, DistributedMuon):
         optimizer.load_state_dict(loaded["optimizer"])
     elif optimizer is not None:
@@ -415,11 +406,22 @@ def load_checkpoint(path: str, chunks, optimizer, loader, cfg, groups) -> int:
 
 
 @torch.no_grad()
-def _fill(targets: dict, loaded: dict) -> None:
-    """torch_dist reads into the parameters themselves; copy where it handed back other storage."""
-    for key, target in targets.items():
-        if loaded[key].data_ptr() != target.data_ptr():
-            target.copy_(loaded[key])
+def _load(state: dict, path: str) -> dict:
+    """dist_checkpointing.load of `state` (with its "model" part) from `path`, the model filled in place; returns
+    the loaded dict. Any failure becomes a CheckpointError naming the checkpoint and the cause."""
+    # The load replaces the ShardedTensors in `state` by tensors: note which parameters they stood for first.
+    targets = {key: sh.data for key, sh in state["model"].items()}
+    try:
+        # Loading reads any slice, from any replica: the access check is for saves (one writer per slice).
+        loaded = dist_checkpointing.load(state, path, strict=StrictHandling.RAISE_UNEXPECTED,
+                                         validate_access_integrity=False)
+    except Exception as e:  # noqa: BLE001 - DCP/megatron raise many kinds; name the checkpoint and the cause
+        raise CheckpointError(f"{path}: loading failed ({type(e).__name__}: {str(e).splitlines()[0][:400]}); "
+                              f"the checkpoint does not fit this model or is damaged") from e
+    for key, target in targets.items():  # torch_dist reads into the parameters; copy where it did not
+        if loaded["model"][key].data_ptr() != target.data_ptr():
+            target.copy_(loaded["model"][key])
+    return loaded
 
 
 def model_config_of(path: str):
@@ -440,12 +442,4 @@ def load_model_weights(path: str, model, groups) -> None:
     for export and evaluation. The model must have the checkpoint's config (`model_config_of`)."""
     record = read_record(path)
     verify_files(path, record)
-    state = {"model": model_sharded_state_dict([model], groups)}
-    targets = {key: sh.data for key, sh in state["model"].items()}
-    try:
-        loaded = dist_checkpointing.load(state, path, strict=StrictHandling.RAISE_UNEXPECTED,
-                                         validate_access_integrity=False)
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{path}: loading the model failed ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:400]})") from e
-    _fill(targets, loaded["model"])
+    _load({"model": model_sharded_state_dict([model], groups)}, path)
