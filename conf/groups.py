@@ -276,6 +276,13 @@ class ClusterConfig:
     """slurm: shell lines run before srun (module load ..., source venv/bin/activate, export NCCL_...)."""
     master_addr: str = ""
     """slurm: rendezvous host (empty: the job's first node, from scontrol show hostnames)."""
+    rendezvous_timeout_s: float = 300.0
+    """How long rank 0 waits for every rank to join (without torchrun, whose own --rdzv-conf applies); then the
+    job fails naming the ranks that never joined."""
+    collective_timeout_s: float = 1800.0
+    """Longest wait of any collective: a rank whose peer hangs (a node that stopped responding) fails after it, so
+    the job ends instead of hanging, and its next submission resumes from the last checkpoint. Keep it above the
+    longest checkpoint save."""
 
     def validate(self) -> None:
         _need(self.kind in ("local", "slurm"), "cluster.kind", f"{self.kind!r}: choose local or slurm")
@@ -283,6 +290,8 @@ class ClusterConfig:
             _need(getattr(self, key) >= 1, f"cluster.{key}", f"must be >= 1, got {getattr(self, key)}")
         _need(self.gpus_per_node >= 0, "cluster.gpus_per_node", f"must be >= 0, got {self.gpus_per_node}")
         _need(self.signal_lead_s >= 0, "cluster.signal_lead_s", f"must be >= 0, got {self.signal_lead_s}")
+        for key in ("rendezvous_timeout_s", "collective_timeout_s"):
+            _need(getattr(self, key) > 0, f"cluster.{key}", f"must be > 0 seconds, got {getattr(self, key)}")
         _need(_TIME.match(self.time) is not None, "cluster.time",
               f"{self.time!r}: use [days-]hours:minutes:seconds, e.g. 04:00:00 or 2-00:00:00")
         _need(bool(self.job_name) and "/" not in self.job_name and " " not in self.job_name, "cluster.job_name",

@@ -24,6 +24,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from dsv4.model.config import ConfigError, ModelConfig
+from dsv4.parallel.launch import launch_world_size
 
 from .groups import ClusterConfig, DataConfig, OptimConfig, ParallelConfig, PrecisionConfig, RunConfig
 
@@ -51,7 +52,8 @@ class DSV4Config:
     """Where the job runs (conf/cluster/*.yaml)."""
 
     def validate(self, world_size: int | None = None) -> "DSV4Config":
-        """Every group's checks, then the ones across groups; `world_size` defaults to $WORLD_SIZE or 1.
+        """Every group's checks, then the ones across groups; `world_size` defaults to the launcher's
+        (RANK/WORLD_SIZE, an srun step's task count) or 1.
 
         The layout: tp*pp ranks hold one model replica, dp = world / (tp*pp) replicas; the routed experts use the
         grid etp*ep*pp over the same world (see ParallelConfig)."""
@@ -78,10 +80,10 @@ class DSV4Config:
             raise ConfigError(f"model.n_routed_experts: {model.n_routed_experts} experts cannot be spread over "
                               f"parallel.ep={ep} ranks; pick an expert-parallel size that divides it")
         # The rank grids over the world.
-        world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+        world = world_size if world_size is not None else launch_world_size()
         if world < 1:
             raise ConfigError(f"parallel.tp: cannot lay out {world} ranks; the world size "
-                              f"(world_size or $WORLD_SIZE) must be >= 1")
+                              f"(world_size or the launcher's WORLD_SIZE) must be >= 1")
         if world % (tp * pp):
             key = "parallel.tp" if world % tp else "parallel.pp"  # tp when it alone does not divide the world
             raise ConfigError(f"{key}: tp*pp = {tp}*{pp} = {tp * pp} ranks per model replica do not divide the "
@@ -139,10 +141,22 @@ _GROUPS = {"model": ModelConfig, "parallel": ParallelConfig, "optim": OptimConfi
 """Config group -> its schema dataclass, registered as `<group>/<group>_schema`."""
 
 
+def slurm_minutes(time: str) -> int:
+    """SLURM's [days-]hours:minutes:seconds as whole minutes (rounded up)."""
+    days, _, hms = str(time).rpartition("-")
+    h, m, sec = (int(x) for x in hms.split(":"))
+    return (int(days or 0) * 24 + h) * 60 + m + (1 if sec else 0)
+
+
 def register_configs() -> None:
     """Register the schemas in Hydra's ConfigStore (safe to call more than once: a store overwrites by name)."""
     cs = ConfigStore.instance()
     cs.store(name="dsv4_schema", node=DSV4Config)
+    # For conf/hydra/launcher/dsv4_slurm.yaml: the cluster group's values in the form submitit takes.
+    OmegaConf.register_new_resolver("dsv4.ranks_per_node", lambda gpus, tasks: int(gpus) or int(tasks), replace=True)
+    OmegaConf.register_new_resolver("dsv4.minutes", slurm_minutes, replace=True)
+    OmegaConf.register_new_resolver("dsv4.unset_if_empty", lambda value: value if value not in ("", None) else None,
+                                    replace=True)
     for group, schema in _GROUPS.items():
         cs.store(group=group, name=f"{group}_schema", node=schema)
 

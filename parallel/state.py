@@ -6,8 +6,8 @@ project reads them in exactly one place, ``init_distributed``, and passes the re
 signature and can be tested with groups of its choosing.
 """
 
-import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Optional
 
 import torch
@@ -17,6 +17,7 @@ from megatron.core import parallel_state as mpu
 from dsv4.model.config import ConfigError
 
 from .cpu_compat import enable_cpu_compat
+from .launch import launch_env, rendezvous
 
 __all__ = ["ParallelGroups", "init_distributed", "destroy_distributed"]
 
@@ -81,29 +82,40 @@ class ParallelGroups:
 
 
 def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, etp: int = 1, vpp: int = 1,
-                     backend: str | None = None) -> ParallelGroups:
+                     backend: str | None = None, *, rendezvous_timeout_s: float = 300.0,
+                     collective_timeout_s: float = 1800.0) -> ParallelGroups:
     """Initialize torch.distributed and megatron's parallel state (if not done yet); return the groups.
 
-    Under torchrun (``RANK``/``WORLD_SIZE`` set) the process group comes from the environment.
-    Without them, a single-process world is created on an in-memory store, so notebooks and tests
+    The rank and world come from the launcher (``dsv4.parallel.launch``: torchrun, RANK/WORLD_SIZE, or an srun
+    job step); without one, a single-process world is created on an in-memory store, so notebooks and tests
     need no launcher. ``backend`` defaults to nccl with CUDA and gloo without; on a machine without
     CUDA the CPU compatibility layer is enabled (it is a no-op when CUDA is available).
+
+    Without torchrun the ranks meet through ``launch.rendezvous``, which fails after ``rendezvous_timeout_s``
+    naming the ranks that never joined. ``collective_timeout_s`` bounds every collective (torch's and megatron's
+    groups): a rank whose peer hangs (a node that stopped responding) raises instead of waiting forever, so the
+    job ends and can be resubmitted.
 
     Calling it again with the same sizes returns the same groups; with different sizes it raises
     ValueError (call ``destroy_distributed()`` first).
     """
-    world_size = _world_size()
+    le = None if dist.is_initialized() else launch_env()
+    world_size = dist.get_world_size() if le is None else le.world_size
     backend = backend or (dist.get_backend() if dist.is_initialized() else
                           "nccl" if torch.cuda.is_available() else "gloo")
     _check_sizes(world_size, tp=tp, pp=pp, ep=ep, etp=etp, vpp=vpp, backend=backend)
     enable_cpu_compat()
+    timeout = timedelta(seconds=collective_timeout_s)
 
-    if not dist.is_initialized():
-        if _launched_by_torchrun():
-            if torch.cuda.is_available():
-                # Before the first collective: megatron allocates on torch.cuda.current_device().
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            dist.init_process_group(backend=backend)
+    if le is not None:
+        if le.distributed and torch.cuda.is_available():
+            # Before the first collective: megatron allocates on torch.cuda.current_device().
+            torch.cuda.set_device(le.local_rank)
+        if le.source == "torchrun":
+            dist.init_process_group(backend=backend, timeout=timeout)
+        elif le.distributed:
+            dist.init_process_group(backend=backend, store=rendezvous(le, rendezvous_timeout_s), rank=le.rank,
+                                    world_size=le.world_size, timeout=timeout)
         else:
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
 
@@ -128,6 +140,7 @@ def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, etp: int = 1, vpp: i
             virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
             expert_model_parallel_size=ep,
             expert_tensor_parallel_size=etp,
+            distributed_timeout_minutes=collective_timeout_s / 60,
         )
 
     return ParallelGroups(
@@ -147,26 +160,6 @@ def destroy_distributed() -> None:
     mpu.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def _launched_by_torchrun() -> bool:
-    """Whether a launcher set up this process's rank; half an environment is a launcher bug."""
-    present = [name for name in ("RANK", "WORLD_SIZE") if name in os.environ]
-    if len(present) == 1:
-        raise ValueError(
-            f"only {present[0]} is set in the environment; set both RANK and WORLD_SIZE (torchrun "
-            "does) or neither for a single-process run."
-        )
-    return bool(present)
-
-
-def _world_size() -> int:
-    """The world size init_distributed will run in, known before anything is initialized."""
-    if dist.is_initialized():
-        return dist.get_world_size()
-    if _launched_by_torchrun():
-        return int(os.environ["WORLD_SIZE"])
-    return 1
 
 
 def _check_sizes(world_size: int, *, tp: int, pp: int, ep: int, etp: int, vpp: int, backend: str) -> None:

@@ -334,7 +334,9 @@ def train(cfg: DSV4Config, run_dir: Optional[str] = None) -> TrainResult:
 
 def _train(cfg: DSV4Config, run_dir: Optional[str], stop: StopRequest) -> TrainResult:
     p = cfg.parallel
-    groups = init_distributed(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, vpp=p.vpp)
+    groups = init_distributed(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, vpp=p.vpp,
+                              rendezvous_timeout_s=cfg.cluster.rendezvous_timeout_s,
+                              collective_timeout_s=cfg.cluster.collective_timeout_s)
     run_dir = run_dir or cfg.run.output_dir
     rank0 = dist.get_rank() == 0
     chunks = build_model(cfg, groups)

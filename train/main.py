@@ -17,10 +17,12 @@ import warnings
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from dsv4.conf.schema import register_configs, to_config
 from dsv4.model.config import ConfigError
+from dsv4.parallel.launch import RendezvousError
 
 # megatron-core warns once per module that TransformerEngine/apex are absent; on CPU that is expected. Its
 # collectives use torch names torch 2.13 deprecates, and it recommends a CUDA setting on every SP layer.
@@ -36,30 +38,64 @@ warnings.filterwarnings("ignore", message="`load_state_dict` is deprecated and w
 warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf Tensor is being accessed")
 
 
+class JobFailed(RuntimeError):
+    """A failed job of a multirun: Hydra's launchers (and submitit's, which writes it to the job's result file) record
+    an exception, whereas an exit would end the whole sweep or leave the submitting side waiting."""
+
+
+def _fail(message: str, code: int):
+    print(f"dsv4-train: {message}", file=sys.stderr)
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise JobFailed(message)
+    sys.exit(code)
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def _run(dcfg: DictConfig) -> float | None:
     try:
         cfg = to_config(dcfg)  # type checks and every cross-field check, before anything else happens
     except ConfigError as e:
-        print(f"dsv4-train: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(e), 2)
     # megatron-core's dataset builders log every index they build at INFO; keep them in main.log, not the console.
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.WARNING)
     from .loop import NonFiniteLossError, train
 
+    run_dir = HydraConfig.get().runtime.output_dir
     try:
-        result = train(cfg, run_dir=HydraConfig.get().runtime.output_dir)
+        result = train(cfg, run_dir=run_dir)
+    except RendezvousError as e:
+        _fail(str(e), 1)
     except ConfigError as e:  # a layout the launch cannot run (e.g. interleaved pp=2 on gloo)
-        print(f"dsv4-train: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(e), 2)
     except (NonFiniteLossError, FileNotFoundError, ValueError) as e:
-        print(f"dsv4-train: {e}", file=sys.stderr)
-        sys.exit(1)
+        _fail(str(e), 1)
+    except RuntimeError as e:
+        lost = _lost_peer(e)
+        if lost is None:
+            raise
+        _fail(f"{lost} (cluster.collective_timeout_s={cfg.cluster.collective_timeout_s:g}); this rank stops so the "
+              f"job ends. Nothing saved is lost: run the same command with run.output_dir={run_dir} (a requeued or "
+              f"chained SLURM job does) to resume from its newest complete checkpoint.\n"
+              f"  cause: {str(e).strip().splitlines()[0]}", 1)
     if result.stopped_by:  # stopped early by a signal, with a checkpoint: not finished, resumable
-        sys.exit(128 + int(getattr(signal, result.stopped_by)))
+        code = 128 + int(getattr(signal, result.stopped_by))
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise JobFailed(f"stopped by {result.stopped_by} after a checkpoint; rerun with run.output_dir={run_dir} "
+                            "to resume")
+        sys.exit(code)
     return result.valid_loss  # what a Hydra sweeper would optimise
+
+
+def _lost_peer(e: RuntimeError) -> str | None:
+    """What a collective's error says about the other ranks, or None when it is not about them."""
+    text = str(e)
+    if "Timed out" in text or "timed out" in text or "Timeout" in text:
+        return "a collective timed out: another rank stopped responding (its node failed or hangs)"
+    if "Connection closed by peer" in text or "Connection reset by peer" in text or "Broken pipe" in text:
+        return "another rank's connection closed: that rank or its node died"
+    return None
 
 
 def main() -> None:
