@@ -11,8 +11,11 @@ import re
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+import torch
+
 from dsv4.model.config import ConfigError
 from dsv4.model.config import require as _need
+from dsv4.parallel.fp8 import BACKENDS, MODULES, RECIPES
 from dsv4.train.preemption import signal_number
 
 _TIME = re.compile(r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$")
@@ -172,14 +175,43 @@ class DataConfig:
 
 @dataclass
 class PrecisionConfig:
-    """Numeric formats."""
+    """Numeric formats (conf/precision/: auto, bf16, fp32, fp8)."""
 
-    params_dtype: str = "float32"
-    """Parameter dtype: float32 or bfloat16 (norms, mHC, sinks, router and compressors stay fp32)."""
+    params_dtype: str = "auto"
+    """Parameter dtype: float32, bfloat16, or auto (bfloat16 on a GPU, float32 on CPU). Norms, mHC, sinks, router and
+    compressors stay fp32."""
+    fp8: str = "none"
+    """FP8 GEMMs for the linear layers of `fp8_modules` (dsv4/parallel/fp8.py): none, blockwise (DeepSeek-V3: 1x128
+    activation tiles, 128x128 weight blocks), tensorwise (current scaling), delayed (TransformerEngine), mxfp8
+    (Blackwell). The router, norms, embedding, head, mHC and the attention softmax stay in higher precision."""
+    fp8_backend: str = "auto"
+    """te (TransformerEngine), torch (PyTorch's scaled_mm on Hopper), emulate (quantize-dequantize on any device:
+    tests and numerics studies, slow) or auto (te when installed on a GPU, else torch on Hopper). Checked when the job
+    starts: where none applies, the job stops saying what is missing."""
+    fp8_modules: List[str] = field(default_factory=lambda: ["attention"])
+    """Which projections run in FP8: attention (q, K=V and output projections), indexer (compressor and indexer
+    projections), experts (routed and shared)."""
+    fp8_block: int = 128
+    """Tile size of the blockwise recipe: 128 (smaller only with fp8_backend=emulate, for tiny test models)."""
 
     def validate(self) -> None:
-        _need(self.params_dtype in ("float32", "bfloat16"), "precision.params_dtype",
-              f"{self.params_dtype!r}: choose float32 or bfloat16")
+        _need(self.params_dtype in ("auto", "float32", "bfloat16"), "precision.params_dtype",
+              f"{self.params_dtype!r}: choose auto, float32 or bfloat16")
+        _need(self.fp8 in ("none", *RECIPES), "precision.fp8", f"{self.fp8!r}: choose none, {', '.join(RECIPES)}")
+        _need(self.fp8_backend in BACKENDS, "precision.fp8_backend",
+              f"{self.fp8_backend!r}: choose {', '.join(BACKENDS)}")
+        bad = [m for m in self.fp8_modules if m not in MODULES]
+        _need(not bad and bool(self.fp8_modules), "precision.fp8_modules",
+              f"{list(self.fp8_modules)}: give one or more of {', '.join(MODULES)}")
+        _need(self.fp8_block >= 1, "precision.fp8_block", f"must be >= 1, got {self.fp8_block}")
+
+    def torch_params_dtype(self, cuda_available: Optional[bool] = None) -> torch.dtype:
+        """The parameter dtype, with auto resolved for this machine (or for `cuda_available`)."""
+        name = self.params_dtype
+        if name == "auto":
+            cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+            name = "bfloat16" if cuda else "float32"
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
 @dataclass

@@ -104,17 +104,18 @@ class Attention(nn.Module):
         # Which attention phase the layer runs (dense -> indexer_warmup -> sparse); set by the model.
         self.phase = "sparse"
 
-        self.wq_a = replicated_linear(ctx, cfg.hidden_size, cfg.q_lora_rank)
+        self.wq_a = replicated_linear(ctx, cfg.hidden_size, cfg.q_lora_rank, fp8_module="attention")
         self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-        self.wq_b = ColumnLinear(ctx, cfg.q_lora_rank, cfg.num_heads * cfg.head_dim, input_in_region=True)
-        self.wkv = replicated_linear(ctx, cfg.hidden_size, cfg.head_dim)
+        self.wq_b = ColumnLinear(ctx, cfg.q_lora_rank, cfg.num_heads * cfg.head_dim, input_in_region=True,
+                                 fp8_module="attention")
+        self.wkv = replicated_linear(ctx, cfg.hidden_size, cfg.head_dim, fp8_module="attention")
         self.kv_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         # Grouped output projection: group j maps its heads' (h/g * D) outputs to o_lora_rank (wo_a, block
         # diagonal, stored as [g * o_lora_rank, h/g * D] like the reference), then wo_b mixes g * o_lora_rank -> d.
         self.wo_a = sharded_parameter(ctx, (cfg.o_groups * cfg.o_lora_rank, cfg.num_heads * cfg.head_dim
                                             // cfg.o_groups), partition_dim=0, std=cfg.init_std)
         self.o_lora_rank = cfg.o_lora_rank
-        self.wo_b = RowLinear(ctx, cfg.o_groups * cfg.o_lora_rank, cfg.hidden_size)
+        self.wo_b = RowLinear(ctx, cfg.o_groups * cfg.o_lora_rank, cfg.hidden_size, fp8_module="attention")
         # Sink logits, fp32, zero-initialised as in Megatron's V4 (DeepSeek's init: NOT FOUND).
         self.attn_sink = sharded_parameter(ctx, (cfg.num_heads,), partition_dim=0, std=None, dtype=torch.float32)
 

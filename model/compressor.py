@@ -61,8 +61,8 @@ class Compressor(nn.Module):
         self.quant_sim, self.fp8_block, self.fp4_block = cfg.quant_sim, cfg.quant_fp8_block, cfg.quant_fp4_block
         self.rope_dim = cfg.rope_head_dim
         width = (2 if overlap else 1) * head_dim
-        self.wkv = replicated_linear(ctx, cfg.hidden_size, width, dtype=torch.float32)
-        self.wgate = replicated_linear(ctx, cfg.hidden_size, width, dtype=torch.float32)
+        self.wkv = replicated_linear(ctx, cfg.hidden_size, width, dtype=torch.float32, fp8_module="indexer")
+        self.wgate = replicated_linear(ctx, cfg.hidden_size, width, dtype=torch.float32, fp8_module="indexer")
         self.ape = nn.Parameter(torch.zeros(ratio, width, dtype=torch.float32))
         self.norm = RMSNorm(head_dim, cfg.rms_norm_eps)
 
@@ -119,7 +119,8 @@ class LightningIndexer(nn.Module):
         self.weight_scale = cfg.index_n_heads ** -0.5
         self.quant_sim, self.fp4_block = cfg.quant_sim, cfg.quant_fp4_block
         # Inputs are inside the attention's region (and detached): no communication on the way in.
-        self.wq_b = ColumnLinear(ctx, cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, input_in_region=True)
+        self.wq_b = ColumnLinear(ctx, cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, input_in_region=True,
+                                 fp8_module="indexer")
         self.weights_proj = ColumnLinear(ctx, cfg.hidden_size, cfg.index_n_heads, input_in_region=True)
         self.compressor = Compressor(cfg, ctx, cfg.csa_ratio, cfg.index_head_dim, overlap=True, for_indexer=True)
 

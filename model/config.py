@@ -143,6 +143,11 @@ class ModelConfig:
     """Elements per ue8m0 scale in the FP8 simulation (reference: 64); must divide head_dim - rope_head_dim."""
     quant_fp4_block: int = 32
     """Elements per ue8m0 scale in the FP4 simulation (reference: 32, MXFP4); must divide index_head_dim."""
+    quant_sim_experts: bool = False
+    """FP4 quantization-aware training of the routed experts (V4, spec section 7): each expert weight is rounded to
+    e2m1 with one ue8m0 scale per 1 x quant_fp4_block elements along its input dimension in the forward pass, and
+    the gradient passes straight through to the high-precision master weight. Off by default; an exported model
+    computed this way needs its weights exported FP4-rounded to match (dsv4-export does not round them)."""
     init_std: float = 0.02
     """Std of the normal initialisation of weight matrices."""
 
@@ -214,6 +219,11 @@ class ModelConfig:
             need(self.quant_fp4_block > 0 and self.index_head_dim % self.quant_fp4_block == 0, "quant_fp4_block",
                  f"{self.quant_fp4_block} must divide index_head_dim={self.index_head_dim}; pick a divisor or set "
                  f"model.quant_sim=false")
+        if self.quant_sim_experts:
+            for key in ("hidden_size", "moe_intermediate_size"):
+                need(self.quant_fp4_block > 0 and getattr(self, key) % self.quant_fp4_block == 0, "quant_fp4_block",
+                     f"{self.quant_fp4_block} must divide {key}={getattr(self, key)} (the experts' input dims) for "
+                     f"model.quant_sim_experts; pick a divisor or set model.quant_sim_experts=false")
         need(self.yarn_factor >= 1.0, "yarn_factor", f"must be >= 1 (1 disables YaRN), got {self.yarn_factor}")
         need(0.0 <= self.mtp_loss_weight, "mtp_loss_weight", "must be >= 0")
         need(self.swiglu_limit >= 0.0, "swiglu_limit", "must be >= 0 (0 disables the clamp)")

@@ -29,11 +29,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from dsv4.parallel.fp8 import fp8_linear
 from dsv4.parallel.layers import ColumnLinear, LayerContext, RowLinear, divide, replicated_linear, sum_grads_over_tp
 from dsv4.parallel.mappings import (all_to_all, gather_rows, join_sequence, reduce_scatter_rows, split_sequence,
                                     sum_values_over)
 
 from .config import ModelConfig
+from .quant import fp4_e2m1_qdq, straight_through
 
 
 def sqrt_softplus(logits: torch.Tensor) -> torch.Tensor:
@@ -120,6 +122,8 @@ class GroupedExperts(nn.Module):
         super().__init__()
         d, inter, std = cfg.hidden_size, cfg.moe_intermediate_size, cfg.init_std
         self.limit = cfg.swiglu_limit
+        self.fp8 = ctx.fp8_for("experts")
+        self.fp4_block = cfg.quant_fp4_block if cfg.quant_sim_experts else 0
         self.n_local = divide(cfg.n_routed_experts, ctx.ep_size, "model.n_routed_experts / expert parallel size")
         mine = slice(ctx.ep_rank * self.n_local, (ctx.ep_rank + 1) * self.n_local)
         part = divide(inter, ctx.etp_size, "model.moe_intermediate_size / expert tensor parallel size")
@@ -139,9 +143,17 @@ class GroupedExperts(nn.Module):
         counts = torch.bincount(expert, minlength=self.n_local).tolist()
         outs = []
         for e, x in enumerate(rows[order].float().split(counts)):  # contiguous rows per expert
-            h = swiglu(x @ self.w1[e].float().t(), x @ self.w3[e].float().t(), self.limit)
-            outs.append(h @ self.w2[e].float().t())
+            h = swiglu(self._mm(x, self.w1[e]), self._mm(x, self.w3[e]), self.limit)
+            outs.append(self._mm(h, self.w2[e]))
         return torch.cat(outs)[torch.argsort(order)]
+
+    def _mm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x w^T in fp32, or with FP8 GEMMs (precision.fp8_modules has experts); with model.quant_sim_experts the
+        weight is FP4-rounded first (straight-through: its gradient reaches the master weight unchanged)."""
+        w = w.float()
+        if self.fp4_block:
+            w = straight_through(w, lambda t: fp4_e2m1_qdq(t, self.fp4_block))
+        return x @ w.t() if self.fp8 is None else fp8_linear(x, w, self.fp8)
 
 
 class SharedExpert(nn.Module):
@@ -158,9 +170,9 @@ class SharedExpert(nn.Module):
         super().__init__()
         inter = cfg.n_shared_experts * cfg.moe_intermediate_size
         self.limit = cfg.swiglu_limit
-        self.w1 = ColumnLinear(ctx, cfg.hidden_size, inter)
-        self.w3 = ColumnLinear(ctx, cfg.hidden_size, inter)
-        self.w2 = RowLinear(ctx, inter, cfg.hidden_size)
+        self.w1 = ColumnLinear(ctx, cfg.hidden_size, inter, fp8_module="experts")
+        self.w3 = ColumnLinear(ctx, cfg.hidden_size, inter, fp8_module="experts")
+        self.w2 = RowLinear(ctx, inter, cfg.hidden_size, fp8_module="experts")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [s / tp, b, d] -> [s / tp, b, d]."""

@@ -25,6 +25,7 @@ from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from dsv4.parallel.cross_entropy import vocab_parallel_cross_entropy
+from dsv4.parallel.fp8 import Fp8Plan, fp8_autocast
 from dsv4.parallel.layers import ColumnLinear, make_layer_context, sum_grads_over_tp, vocab_embedding
 
 from .block import Block, MTPBlock
@@ -127,15 +128,18 @@ class DSV4Model(MegatronModule):
     `ep_group`), expert-tensor parallel (each expert split over `etp_group`).
 
     Weights are drawn per component from `seed` (default: torch's current seed), so the model is the same for
-    every layout. `self.config` is the megatron TransformerConfig the schedules and DDP read.
+    every layout. `self.config` is the megatron TransformerConfig the schedules and DDP read. `fp8`: the FP8 plan
+    (`dsv4.parallel.fp8`) for the module groups it covers; with the TransformerEngine backend the forward runs
+    under TE's FP8 autocast.
     """
 
     def __init__(self, cfg: ModelConfig, tp_group: dist.ProcessGroup, params_dtype: torch.dtype = torch.float32,
                  ep_group: Optional[dist.ProcessGroup] = None, *, etp_group: Optional[dist.ProcessGroup] = None,
-                 sequence_parallel: bool = False, stage: Optional[PipelineStage] = None, seed: Optional[int] = None):
+                 sequence_parallel: bool = False, stage: Optional[PipelineStage] = None, seed: Optional[int] = None,
+                 fp8: Optional[Fp8Plan] = None):
         cfg.validate()
         ctx = make_layer_context(tp_group, cfg.init_std, params_dtype, ep_group, etp_group=etp_group,
-                                 sequence_parallel=sequence_parallel)
+                                 sequence_parallel=sequence_parallel, fp8=fp8)
         stage = stage or PipelineStage(0, cfg.num_layers)
         super().__init__(config=TransformerConfig(
             num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_heads,
@@ -254,7 +258,12 @@ class DSV4Model(MegatronModule):
         per_token = vocab_parallel_cross_entropy(logits, labels, self.tp_group)
         return (per_token * mask).sum() / mask.sum().clamp_min(1)
 
-    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+    def forward(self, *args, **kwargs):
+        """`_forward` (below), under TransformerEngine's FP8 autocast when the FP8 plan uses the te backend."""
+        with fp8_autocast(self.ctx.fp8, self.ctx.tp_group):
+            return self._forward(*args, **kwargs)
+
+    def _forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 loss_mask: Optional[torch.Tensor] = None, return_logits: Optional[bool] = None,
                 mtp_loss_weight: Optional[float] = None, record_stats: bool = False,
                 document_ids: Optional[torch.Tensor] = None):

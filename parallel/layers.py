@@ -1,7 +1,12 @@
 """The one place that chooses the implementation of the model's parallel linear layers and embedding.
 
-Every projection of the model is built here, so switching the implementation (megatron-core's local tensor-parallel
-layers today; TransformerEngine for the FP8 attention blocks on GPU) is a change in this file only.
+Every projection of the model is built here, so switching the implementation is a change in this file only:
+- megatron-core's local tensor-parallel layers (default);
+- with `precision.fp8` and a module group of `precision.fp8_modules` (attention, indexer, experts): the same layers
+  with their GEMMs in FP8 (`dsv4.parallel.fp8`: PyTorch's scaled_mm on Hopper, or the `emulate` backend), or, with
+  the `te` backend, TransformerEngine's layers through megatron-core (`TEColumnParallelLinear`, `TERowParallelLinear`,
+  `TELinear`), run under TE's FP8 autocast (`fp8_autocast`). The TE path is untested here: TransformerEngine cannot
+  be installed on the project's CPU machines.
 
 - column-parallel: output dim split over the tensor-parallel group (q up-projection, indexer heads, head/logits,
   shared expert);
@@ -28,7 +33,11 @@ import torch
 import torch.distributed as dist
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
+                                                    gather_from_sequence_parallel_region)
 from torch import nn
+
+from .fp8 import Fp8Plan, fp8_linear
 
 
 @dataclass
@@ -44,6 +53,12 @@ class LayerContext:
     """Expert-tensor-parallel group each routed expert's matrices are split over (None: whole experts)."""
     inner_config: Optional[ModelParallelConfig] = None
     """`mp_config` without sequence parallelism: for column layers whose input is already inside a region."""
+    fp8: Optional[Fp8Plan] = None
+    """FP8 GEMMs for the module groups it covers (None: every layer in its parameter dtype)."""
+
+    def fp8_for(self, module: Optional[str]) -> Optional[Fp8Plan]:
+        """The FP8 plan when module group `module` runs in FP8, else None."""
+        return self.fp8 if self.fp8 is not None and self.fp8.covers(module) else None
 
     @property
     def sequence_parallel(self) -> bool:
@@ -81,7 +96,7 @@ class LayerContext:
 def make_layer_context(tp_group: dist.ProcessGroup, init_std: float, params_dtype: torch.dtype = torch.float32,
                        ep_group: Optional[dist.ProcessGroup] = None, *,
                        etp_group: Optional[dist.ProcessGroup] = None,
-                       sequence_parallel: bool = False) -> LayerContext:
+                       sequence_parallel: bool = False, fp8: Optional[Fp8Plan] = None) -> LayerContext:
     """Megatron's ModelParallelConfig for our layers.
 
     `sequence_parallel` (acts with more than one tensor-parallel rank): activations between tensor-parallel regions
@@ -100,7 +115,53 @@ def make_layer_context(tp_group: dist.ProcessGroup, init_std: float, params_dtyp
         perform_initialization=True,
     )
     inner = replace(mp_config, sequence_parallel=False)
-    return LayerContext(mp_config, tp_group, init_std, ep_group, etp_group, inner)
+    return LayerContext(mp_config, tp_group, init_std, ep_group, etp_group, inner, fp8)
+
+
+class _Fp8ColumnParallelLinear(ColumnParallelLinear):
+    """megatron's column-parallel layer with its GEMMs in FP8. Only the local computation changes: the input is
+    all-gathered along the sequence (gradient reduce-scattered) or its gradient all-reduced exactly as megatron's
+    own `linear_with_grad_accumulation_and_async_allreduce` does, through megatron's autograd collectives."""
+
+    def __init__(self, *args, fp8: Fp8Plan, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fp8 = fp8
+
+    def _forward_impl(self, input, weight, bias=None, gradient_accumulation_fusion=False, allreduce_dgrad=False,
+                      sequence_parallel=False, tp_group=None, **_):
+        if sequence_parallel:
+            input = gather_from_sequence_parallel_region(input, tensor_parallel_output_grad=True, group=tp_group)
+        elif allreduce_dgrad:
+            input = copy_to_tensor_model_parallel_region(input, group=tp_group)
+        return fp8_linear(input, weight, self.fp8)
+
+
+class _Fp8RowParallelLinear(RowParallelLinear):
+    """megatron's row-parallel layer with its GEMMs in FP8 (its reduction after the GEMM is megatron's)."""
+
+    def __init__(self, *args, fp8: Fp8Plan, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fp8 = fp8
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        return fp8_linear(input, weight, self.fp8)
+
+
+class Fp8Linear(nn.Linear):
+    """A bias-free replicated linear whose GEMMs run in FP8."""
+
+    def __init__(self, in_features: int, out_features: int, fp8: Fp8Plan, dtype: torch.dtype):
+        super().__init__(in_features, out_features, bias=False, dtype=dtype)
+        self.fp8 = fp8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight, self.fp8)
+
+
+def _te_layers():
+    """megatron-core's TransformerEngine layers (only with the te backend, which checked that TE imports)."""
+    from megatron.core.extensions import transformer_engine as te_ext
+    return te_ext
 
 
 class ColumnLinear(nn.Module):
@@ -112,13 +173,26 @@ class ColumnLinear(nn.Module):
     """
 
     def __init__(self, ctx: LayerContext, in_features: int, out_features: int, gather_output: bool = False,
-                 std: Optional[float] = None, input_in_region: bool = False):
+                 std: Optional[float] = None, input_in_region: bool = False, fp8_module: Optional[str] = None):
         super().__init__()
-        self.linear = ColumnParallelLinear(in_features, out_features,
-                                           config=ctx.inner_config if input_in_region else ctx.mp_config,
-                                           init_method=ctx.init_method(std), bias=False,
-                                           gather_output=gather_output, tp_group=ctx.tp_group,
-                                           disable_grad_reduce=input_in_region)
+        config = ctx.inner_config if input_in_region else ctx.mp_config
+        fp8 = ctx.fp8_for(fp8_module)
+        if fp8 is not None and fp8.backend == "te":
+            if input_in_region:  # TE's layer has no "input already in the region" mode: a local GEMM on its input
+                self.linear = _te_layers().TELinear(
+                    in_features, out_features // ctx.tp_size, parallel_mode=None, config=config,
+                    init_method=ctx.init_method(std), bias=False, skip_bias_add=False,
+                    skip_weight_param_allocation=False, tp_group=ctx.tp_group)
+            else:
+                self.linear = _te_layers().TEColumnParallelLinear(
+                    in_features, out_features, config=config, init_method=ctx.init_method(std),
+                    gather_output=gather_output, bias=False, skip_bias_add=False, is_expert=False,
+                    tp_group=ctx.tp_group)
+            return
+        kwargs = dict(config=config, init_method=ctx.init_method(std), bias=False, gather_output=gather_output,
+                      tp_group=ctx.tp_group, disable_grad_reduce=input_in_region)
+        self.linear = (ColumnParallelLinear(in_features, out_features, **kwargs) if fp8 is None else
+                       _Fp8ColumnParallelLinear(in_features, out_features, fp8=fp8, **kwargs))
 
     @property
     def weight(self) -> nn.Parameter:
@@ -132,11 +206,17 @@ class RowLinear(nn.Module):
     """y = x W^T with W's columns (inputs) split over the tensor-parallel group; ends a region: the output is
     all-reduced, or reduce-scattered along the sequence under sequence parallelism."""
 
-    def __init__(self, ctx: LayerContext, in_features: int, out_features: int, std: Optional[float] = None):
+    def __init__(self, ctx: LayerContext, in_features: int, out_features: int, std: Optional[float] = None,
+                 fp8_module: Optional[str] = None):
         super().__init__()
-        self.linear = RowParallelLinear(in_features, out_features, config=ctx.mp_config,
-                                        init_method=ctx.init_method(std), bias=False, input_is_parallel=True,
-                                        skip_bias_add=False, tp_group=ctx.tp_group)
+        fp8 = ctx.fp8_for(fp8_module)
+        kwargs = dict(config=ctx.mp_config, init_method=ctx.init_method(std), bias=False, input_is_parallel=True,
+                      skip_bias_add=False, tp_group=ctx.tp_group)
+        if fp8 is not None and fp8.backend == "te":
+            self.linear = _te_layers().TERowParallelLinear(in_features, out_features, is_expert=False, **kwargs)
+        else:
+            self.linear = (RowParallelLinear(in_features, out_features, **kwargs) if fp8 is None else
+                           _Fp8RowParallelLinear(in_features, out_features, fp8=fp8, **kwargs))
 
     @property
     def weight(self) -> nn.Parameter:
@@ -147,9 +227,22 @@ class RowLinear(nn.Module):
 
 
 def replicated_linear(ctx: LayerContext, in_features: int, out_features: int,
-                      dtype: Optional[torch.dtype] = None, std: Optional[float] = None) -> nn.Linear:
-    """A bias-free linear held whole by every tensor-parallel rank."""
-    layer = nn.Linear(in_features, out_features, bias=False, dtype=dtype or ctx.mp_config.params_dtype)
+                      dtype: Optional[torch.dtype] = None, std: Optional[float] = None,
+                      fp8_module: Optional[str] = None) -> nn.Module:
+    """A bias-free linear held whole by every tensor-parallel rank (its GEMMs in FP8 when the plan covers
+    `fp8_module`). Its `weight` is [out, in] in every implementation."""
+    dtype = dtype or ctx.mp_config.params_dtype
+    fp8 = ctx.fp8_for(fp8_module)
+    if fp8 is not None and fp8.backend == "te":
+        class _TEReplicatedLinear(_te_layers().TELinear):
+            def forward(self, x):  # megatron's TE layers return (output, bias)
+                return super().forward(x)[0]
+
+        return _TEReplicatedLinear(in_features, out_features, parallel_mode="duplicated", config=ctx.mp_config,
+                                   init_method=ctx.init_method(std), bias=False, skip_bias_add=False,
+                                   skip_weight_param_allocation=False, tp_group=ctx.tp_group)
+    layer = nn.Linear(in_features, out_features, bias=False, dtype=dtype) if fp8 is None else \
+        Fp8Linear(in_features, out_features, fp8, dtype)
     ctx.init_method(std)(layer.weight)
     return layer
 

@@ -21,7 +21,7 @@ from dsv4.conf.schema import _GROUPS, CONF_DIR, DSV4Config, compose_config, regi
 from dsv4.model.config import ConfigError, ModelConfig
 
 GROUP_PRESETS = {"model": ["debug", "flash", "pro"], "parallel": ["ep2", "pp2", "single", "tp2"], "optim": ["adamw", "muon"],
-                 "data": ["embedded"], "precision": ["bf16", "fp32"], "run": ["default"], "cluster": ["local", "slurm"]}
+                 "data": ["embedded"], "precision": ["auto", "bf16", "fp32", "fp8"], "run": ["default"], "cluster": ["local", "slurm"]}
 """Every preset shipped in conf/<group>/ (the test below checks this list against the folders)."""
 
 LAYOUT_LAUNCH = {"tp2": (2, []), "pp2": (2, []), "ep2": (2, ["data.global_batch_size=8"])}
@@ -128,7 +128,7 @@ def test_every_group_has_a_schema_a_field_and_its_presets():
         defaults = yaml.safe_load(f)["defaults"]
     assert defaults[:2] == ["dsv4_schema", "_self_"]
     assert {g: p for d in defaults[2:] for g, p in d.items()} == {
-        "model": "debug", "parallel": "single", "optim": "adamw", "data": "embedded", "precision": "fp32",
+        "model": "debug", "parallel": "single", "optim": "adamw", "data": "embedded", "precision": "auto",
         "run": "default", "cluster": "local"}
 
 
@@ -173,7 +173,7 @@ def test_the_default_composition_holds_each_groups_default_preset(base):
         "adamw", 3e-3, 3e-4, "cosine", 20)
     assert (base.data.prefixes, base.data.seq_length, base.data.micro_batch_size, base.data.global_batch_size,
             base.data.split) == ([], 256, 4, 4, "98,2,0")
-    assert base.precision == PrecisionConfig(params_dtype="float32")
+    assert base.precision == PrecisionConfig(params_dtype="auto")  # bf16 on a GPU, fp32 on CPU (test_fp8.py)
     assert (base.run.steps, base.run.seed, base.run.on_nan, base.run.progress_bar) == (300, 1234, "skip", True)
     assert base.run.output_dir.startswith("runs/") and "${" not in base.run.output_dir
     assert base.cluster == ClusterConfig(kind="local")
@@ -707,7 +707,7 @@ def test_data_split_accepted_formats(base, split):
 @pytest.mark.parametrize("value", ["float16", "bf16", "fp32", "BFLOAT16", "float8"])
 def test_precision_params_dtype_is_a_known_dtype(base, value):
     assert_invalid(changed(base, precision__params_dtype=value), "precision.params_dtype",
-                   f"'{value}': choose float32 or bfloat16")
+                   f"'{value}': choose auto, float32 or bfloat16")
     changed(base, precision__params_dtype="bfloat16").validate(world_size=1)
 
 

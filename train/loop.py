@@ -39,6 +39,7 @@ from dsv4.model.transformer import DSV4Model, ModelOutput, combine_stats, pipeli
 from dsv4.optim.distributed import DistributedMuon
 from dsv4.optim.muon import no_weight_decay
 from dsv4.parallel.grads import finalize_grads
+from dsv4.parallel.fp8 import Fp8Plan, resolve_fp8
 from dsv4.parallel.state import ParallelGroups, init_distributed
 
 from .checkpoint import CheckpointError, load_checkpoint, resolve_resume, save_checkpoint
@@ -77,7 +78,8 @@ def build_model(cfg: DSV4Config, groups: ParallelGroups) -> list:
     group(s): all-reduce, or reduce-scatter with the distributed optimizer (ZeRO-1), overlapped with the backward
     pass in buckets when `parallel.overlap_grad_reduce` is set."""
     p = cfg.parallel
-    chunks = [DSV4Model(cfg.model, groups.tp, params_dtype=DTYPES[cfg.precision.params_dtype],
+    fp8 = fp8_plan(cfg)
+    chunks = [DSV4Model(cfg.model, groups.tp, params_dtype=cfg.precision.torch_params_dtype(), fp8=fp8,
                         ep_group=groups.ep if p.ep > 1 else None, etp_group=groups.etp if p.etp > 1 else None,
                         sequence_parallel=p.sp, stage=stage, seed=cfg.run.seed).train()
               for stage in pipeline_stages(cfg.model.num_layers, p.pp, groups.pp_rank, p.vpp, p.pp_layers)]
@@ -112,10 +114,10 @@ def build_optimizer(chunks: list, cfg: DSV4Config, groups: Optional[ParallelGrou
                                nesterov=o.muon_nesterov, ns=o.muon_ns, rms_scale=o.muon_rms_scale,
                                ns_dtype=DTYPES[o.muon_ns_dtype],
                                sharded=cfg.parallel.distributed_optimizer)
-    bf16 = cfg.precision.params_dtype == "bfloat16"
+    params_dtype = cfg.precision.torch_params_dtype()
     config = OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
                              adam_beta1=o.beta1, adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=o.grad_clip,
-                             bf16=bf16, params_dtype=DTYPES[cfg.precision.params_dtype],
+                             bf16=params_dtype == torch.bfloat16, params_dtype=params_dtype,
                              use_distributed_optimizer=cfg.parallel.distributed_optimizer)
     plain = ParamKey(with_name_predicate=ParamWithNamePredicate(
         name="no_weight_decay", fn=lambda param, name: no_weight_decay(name, param)))
@@ -332,8 +334,15 @@ def train(cfg: DSV4Config, run_dir: Optional[str] = None) -> TrainResult:
         stop.restore()
 
 
+def fp8_plan(cfg: DSV4Config) -> Optional[Fp8Plan]:
+    """The FP8 plan of `precision.fp8` on this machine (None without FP8), or a ConfigError saying what is missing."""
+    pr = cfg.precision
+    return resolve_fp8(pr.fp8, pr.fp8_backend, pr.fp8_modules, pr.fp8_block)
+
+
 def _train(cfg: DSV4Config, run_dir: Optional[str], stop: StopRequest) -> TrainResult:
     p = cfg.parallel
+    fp8_plan(cfg)  # precision.fp8 this machine cannot run: stop before any process group or data is touched
     groups = init_distributed(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, vpp=p.vpp,
                               rendezvous_timeout_s=cfg.cluster.rendezvous_timeout_s,
                               collective_timeout_s=cfg.cluster.collective_timeout_s)
