@@ -231,3 +231,20 @@ def test_training_with_emulated_fp8_and_fp4_expert_qat_stays_close_to_fp32(cache
         assert all(math.isfinite(v) for v in other)
         assert other != base
         assert max(abs(a - b) / b for a, b in zip(other, base)) < 0.02, (other, base)
+
+
+def test_fp8_proxy_script(tmp_path):
+    """bench/fp8_proxy.py (the H200 run): its proxy configuration is valid, and its smoke mode (tiny model, CPU,
+    emulated FP8) runs end to end and reports both runs."""
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    sys.path.insert(0, bench)
+    try:
+        from fp8_proxy import PROXY
+    finally:
+        sys.path.remove(bench)
+    cfg = compose_config("flash", [o for o in PROXY if not o.startswith("model=")] + ["precision=bf16"])
+    assert cfg.model.num_layers == 12 and cfg.data.seq_length == 4096
+    done = subprocess.run([sys.executable, os.path.join(bench, "fp8_proxy.py"), "--smoke"], capture_output=True,
+                          text=True, cwd=str(tmp_path), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| fp8-blockwise-emulate |" in done.stdout and "relative loss gap" in done.stdout
