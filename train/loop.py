@@ -361,6 +361,9 @@ def _train(cfg: DSV4Config, run_dir: Optional[str], stop: StopRequest) -> TrainR
     monitor.message(f"dsv4-train: {n_params:,} parameters on rank 0 (tp={p.tp} pp={p.pp} vpp={p.vpp} ep={p.ep} "
                     f"etp={p.etp} dp={groups.dp_size}), {cfg.run.steps} steps of "
                     f"{cfg.data.global_batch_size} x {cfg.data.seq_length} tokens, run folder {run_dir}")
+    plan = fp8_plan(cfg)
+    monitor.message(f"precision: {str(cfg.precision.torch_params_dtype()).replace('torch.', '')} parameters" + (
+        f", FP8 GEMMs ({plan.recipe}, {plan.backend}) for {', '.join(plan.modules)}" if plan else ""))
     if isinstance(optimizer, DistributedMuon):
         monitor.message("optimizer: Muon + AdamW, parameter groups of rank 0:\n" + optimizer.summary())
     result = TrainResult(run_dir=run_dir, chunks=chunks)
