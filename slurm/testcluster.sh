@@ -20,8 +20,28 @@ stop() {
     sleep 1
 }
 
+# Everything this cluster started (slurmctld, slurmd, their step daemons and the jobs' processes) carries its
+# SLURM_CONF in its environment: after the daemons are asked to stop, whatever is left of it is killed, so a job
+# that was still running (or a slurmd that ignored SIGTERM) cannot outlive the cluster and hold its ports.
+kill_leftovers() {
+    local mark="SLURM_CONF=$dir/slurm.conf" env pid ancestors=" " p=$$
+    while [ "$p" -gt 1 ] 2>/dev/null; do  # this script and the shells above it may carry SLURM_CONF too
+        ancestors="$ancestors$p "
+        p=$(awk '{print $4}' "/proc/$p/stat" 2>/dev/null || echo 1)
+    done
+    for env in /proc/[0-9]*/environ; do
+        pid=${env#/proc/}
+        pid=${pid%/environ}
+        case "$ancestors" in *" $pid "*) continue ;; esac
+        if grep -qxzF "$mark" "$env" 2>/dev/null; then
+            kill -9 "$pid" 2>/dev/null || true
+        fi
+    done
+}
+
 if [ "$cmd" = down ]; then
     stop
+    kill_leftovers
     exit 0
 fi
 [ "$cmd" = up ] || { echo "usage: testcluster.sh up|down DIR" >&2; exit 2; }
