@@ -11,6 +11,7 @@ import textwrap
 import time
 
 import pytest
+from dist_utils import free_port as _free_port
 from run_logs import metrics_rows
 
 from dsv4.model.config import ConfigError
@@ -18,12 +19,6 @@ from dsv4.parallel.launch import LaunchEnv, default_master_port, launch_env, lau
 
 _LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
                "ROLE_RANK", "ROLE_WORLD_SIZE", "TORCHELASTIC_RUN_ID")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _clean_env(**extra) -> dict:
