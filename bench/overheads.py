@@ -40,7 +40,7 @@ import sys
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from throughput import (MODELS, dsv4_config, dsv4_trainer, is_oom, limit_memory, peak_rss,  # noqa: E402
+from throughput import (MODELS, dsv4_config, dsv4_trainer, is_oom, limit_memory, oom_message, peak_rss,  # noqa: E402
                         print_sources, run_worker, source_fingerprint)
 
 COMPARISONS = {"plain_residual": ("mHC, n = 4 streams", "plain residual, 1 stream", 0.067, True),
@@ -134,7 +134,7 @@ def table_row(point: str, variant: str, runs: list) -> str:
     has, against, goal, in_v4 = COMPARISONS[variant]
     ok = [r for r in runs if "v4_s" in r]
     if not ok:
-        why = (runs[0].get("oom") or runs[0].get("error")) if runs else "not run"
+        why = "not run" if not runs else oom_message(runs[0]) if "oom" in runs[0] else runs[0].get("error")
         return f"| {point} | {has} | {against} | | | failed: {why} | | |"
     pairs = [list(zip(r["v4_s"], r["variant_s"]) if in_v4 else zip(r["variant_s"], r["v4_s"])) for r in ok]
     ratios = [a / b for rnd in pairs for a, b in rnd]

@@ -253,13 +253,21 @@ def run_worker(args: list, timeout: float) -> dict:
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
+def oom_message(result: dict) -> str:
+    """'out of memory at <peak> GiB (allocating <n> GiB more)' from a worker's result."""
+    import re
+
+    asked = re.search(r"allocate (\d+) bytes", result["oom"])
+    more = f", allocating {int(asked.group(1)) / 2 ** 30:.2f} GiB more" if asked else ""
+    return f"out of memory under the limit (peak RSS {result['peak_rss'] / 2 ** 30:.1f} GiB{more})"
+
+
 def summarise(runs: list) -> dict:
     ok = [r for r in runs if "tokens_per_s" in r]
     if not ok:
         last = runs[-1]
         if "oom" in last:
-            return {"failed": f"out of memory under the limit, peak RSS {last['peak_rss'] / 2 ** 30:.1f} GiB "
-                              f"({last['oom']})"}
+            return {"failed": oom_message(last)}
         return {"failed": last.get("error", "not run")}
     return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in ok),
             "peak_rss": statistics.median(r["peak_rss"] for r in ok), "n": len(ok),
