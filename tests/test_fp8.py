@@ -260,7 +260,7 @@ def _fp8_tp2_matches_tp1(rank, world_size, sequence_parallel):
     amplify for a few elements. In backward, the layers inside a region that every rank holds whole (q down-
     projection, K=V head, compressors) see per-rank partial output gradients, each quantized on its own before the
     sum, which moves every gradient upstream of them by a fraction of FP8's own effect. So the split model is
-    compared with the unsplit one against that effect (unsplit FP8 vs unsplit fp32): logits well below it, gradients
+    compared with the unsplit one against that effect (unsplit FP8 vs unsplit fp32): logits below a quarter of it, gradients
     below half of it; a wrong collective or a misplaced tile shows up at its scale or above."""
     import torch.distributed as dist
 
@@ -284,7 +284,7 @@ def _fp8_tp2_matches_tp1(rank, world_size, sequence_parallel):
     # so the split model agrees to well below the FP8 rounding itself (the gap to an unquantized model), not bitwise.
     exact = DSV4Model(dsv4.model_config("debug"), solo, sequence_parallel=sequence_parallel, seed=0).train()
     fp8_gap = _rel(whole(ids, labels, return_logits=True).logits, exact(ids, labels, return_logits=True).logits)
-    assert _rel(out_split.logits, out_whole.logits) < fp8_gap / 10, (fp8_gap, _rel(out_split.logits,
+    assert _rel(out_split.logits, out_whole.logits) < fp8_gap / 4, (fp8_gap, _rel(out_split.logits,
                                                                                    out_whole.logits))
     torch.testing.assert_close(out_split.loss, out_whole.loss, atol=1e-3, rtol=0)
     for model in (split, whole, exact):
