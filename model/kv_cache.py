@@ -114,7 +114,8 @@ class KVCache:
     @classmethod
     def v4(cls, cfg: ModelConfig, max_tokens: int, batch: int = 1, storage: str = "bf16", device="meta",
            include_mtp: bool = False) -> "KVCache":
-        """Allocate a DeepSeek-V4 cache for `cfg` (one layer per block, its kind from `compress_ratios`)."""
+        """Allocate a DeepSeek-V4 cache for `cfg` (one layer per block, its kind from `compress_ratios`) on `device`
+        ("meta" by default: the layout and byte counts without the memory; "cpu"/"cuda" allocate it)."""
         _check(storage, batch, max_tokens)
         if max_tokens > cfg.max_position_embeddings:
             raise ConfigError(f"model.max_position_embeddings: a {max_tokens}-token cache exceeds it "
