@@ -1,9 +1,10 @@
 """The benchmarks of bench/ run end to end at tiny sizes (their figures are in bench/RESULTS.md, not checked here):
 the KV cache accounting, one training step of dsv4 and of the matched megatron-core GPT, and the overhead variants
-that change the model (plain residual, no MTP)."""
+that change the model (plain residual, no MTP); and `--device cuda` on a machine without a GPU stops at once."""
 
 import math
 import os
+import subprocess
 import sys
 
 import pytest
@@ -71,3 +72,17 @@ def test_plain_residual_is_x_plus_f_of_x(bench):
     assert torch.equal(res.collapse(streams, pre), streams[:, :, 0])
     assert torch.equal(res.expand(out, streams, post, mix), streams + out.unsqueeze(-2))
     assert torch.equal(ov.PlainHead(None)(streams), streams[:, :, 0])
+
+
+@pytest.mark.parametrize("script", ["attention_scaling.py", "throughput.py"])
+def test_device_cuda_without_a_gpu_exits_2_naming_the_fix(bench, script):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    done = subprocess.run([sys.executable, os.path.join(BENCH, script), "--device", "cuda"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert done.stderr.strip().splitlines()[-1] == bench["throughput"].NO_CUDA
+    assert "no CUDA device visible to torch" in done.stderr and "use --device cpu" in done.stderr
+    assert done.stdout == ""  # nothing measured, no subprocess started
