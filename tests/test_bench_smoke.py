@@ -86,3 +86,17 @@ def test_device_cuda_without_a_gpu_exits_2_naming_the_fix(bench, script):
     assert done.stderr.strip().splitlines()[-1] == bench["throughput"].NO_CUDA
     assert "no CUDA device visible to torch" in done.stderr and "use --device cpu" in done.stderr
     assert done.stdout == ""  # nothing measured, no subprocess started
+
+
+def test_profile_step_reports_the_top_operators(tmp_path):
+    """bench/profile_step.py profiles one debug step (in a fresh process: it builds a single-process world) and
+    appends a table of operators by self CPU time, with call counts."""
+    out = tmp_path / "r.md"
+    done = subprocess.run([sys.executable, os.path.join(BENCH, "profile_step.py"), "--length", "128", "--top", "5",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = out.read_text()
+    assert "### Profile of one training step" in report and "operator calls" in report
+    rows = [line for line in report.splitlines() if line.startswith("| `")]
+    assert len(rows) == 5 and all(float(r.split("|")[2]) >= 0 for r in rows)
+    assert "--out" not in report
