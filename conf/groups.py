@@ -18,6 +18,7 @@ from dsv4.model.config import require as _need
 from dsv4.parallel.fp8 import BACKENDS, MODULES, RECIPES
 from dsv4.train.preemption import signal_number
 
+RECOMPUTE = ("none", "block")
 _TIME = re.compile(r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$")
 
 
@@ -54,8 +55,14 @@ class ParallelConfig:
     overlap_grad_reduce: bool = False
     """Overlap the data-parallel gradient reduce-scatter/all-reduce with the backward pass (megatron DDP
     buckets)."""
+    recompute: str = "none"
+    """Activation recomputation: none, or block (each block, MTP included, keeps only its input streams in the
+    forward pass and is recomputed in the backward pass: the same gradients for about one more forward of compute,
+    with one block's activations alive at a time instead of all of them)."""
 
     def validate(self) -> None:
+        _need(self.recompute in RECOMPUTE, "parallel.recompute",
+              f"must be one of {', '.join(RECOMPUTE)}, got {self.recompute!r}")
         for key in ("tp", "pp", "vpp", "ep", "etp"):
             value = getattr(self, key)
             _need(value >= 1, f"parallel.{key}", f"must be >= 1, got {value}")

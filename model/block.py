@@ -18,6 +18,7 @@ from .config import ModelConfig
 from .mhc import HyperConnection, HyperHead
 from .moe import MoE
 from .norm import RMSNorm
+from .recompute import recomputed
 from .rope import RotaryEmbedding
 
 
@@ -35,11 +36,17 @@ class Block(nn.Module):
         self.ffn = MoE(cfg, ctx, layer)
         # Per-token and replicated: under sequence parallelism each rank sees its own tokens only.
         sum_grads_over_tp(ctx, self.attn_hc, self.attn_norm, self.ffn_hc, self.ffn_norm, sequence_parallel_only=True)
+        self.recompute = False  # keep only the input streams in training, replay in backward (parallel.recompute)
 
     def forward(self, streams: torch.Tensor, token_ids: torch.Tensor, rope: RotaryEmbedding,
                 aux: dict | None = None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """streams [s, b, n, d] ([s / tp, b, n, d] under sequence parallelism), token_ids [s, b], doc_ids [s, b]
         (packed documents; both for the whole sequence) -> streams like the input."""
+        if self.recompute and self.training and torch.is_grad_enabled():
+            return recomputed(self._forward, streams, token_ids, rope, aux, doc_ids)
+        return self._forward(streams, token_ids, rope, aux, doc_ids)
+
+    def _forward(self, streams, token_ids, rope, aux, doc_ids):
         pre, post, res = self.attn_hc.weights(streams)
         out = self.attn(self.attn_norm(self.attn_hc.collapse(streams, pre)), rope, aux, doc_ids)
         streams = self.attn_hc.expand(out, streams, post, res)

@@ -36,6 +36,7 @@ from dsv4.parallel.mappings import (all_to_all, gather_rows, join_sequence, redu
 
 from .config import ModelConfig
 from .quant import fp4_e2m1_qdq, straight_through
+from .recompute import replaying
 
 
 def sqrt_softplus(logits: torch.Tensor) -> torch.Tensor:
@@ -94,7 +95,7 @@ class Router(nn.Module):
             indices = self.tid2eid[token_ids]
         else:
             indices = torch.topk(scores.detach() + self.bias, self.top_k, dim=-1).indices
-            if self.training:
+            if self.training and not replaying():  # a recomputed block's replay must not count twice
                 self.tokens_per_expert += torch.bincount(indices.flatten(), minlength=self.n_experts).float()
         weights = scores.gather(1, indices)
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20) * self.scaling

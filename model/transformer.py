@@ -130,13 +130,14 @@ class DSV4Model(MegatronModule):
     Weights are drawn per component from `seed` (default: torch's current seed), so the model is the same for
     every layout. `self.config` is the megatron TransformerConfig the schedules and DDP read. `fp8`: the FP8 plan
     (`dsv4.parallel.fp8`) for the module groups it covers; with the TransformerEngine backend the forward runs
-    under TE's FP8 autocast.
+    under TE's FP8 autocast. `recompute`: every block (MTP included) keeps only its input in training and is
+    recomputed in backward (`dsv4.model.recompute`).
     """
 
     def __init__(self, cfg: ModelConfig, tp_group: dist.ProcessGroup, params_dtype: torch.dtype = torch.float32,
                  ep_group: Optional[dist.ProcessGroup] = None, *, etp_group: Optional[dist.ProcessGroup] = None,
                  sequence_parallel: bool = False, stage: Optional[PipelineStage] = None, seed: Optional[int] = None,
-                 fp8: Optional[Fp8Plan] = None):
+                 fp8: Optional[Fp8Plan] = None, recompute: bool = False):
         cfg.validate()
         ctx = make_layer_context(tp_group, cfg.init_std, params_dtype, ep_group, etp_group=etp_group,
                                  sequence_parallel=sequence_parallel, fp8=fp8)
@@ -194,6 +195,8 @@ class DSV4Model(MegatronModule):
         # Indexer losses are averaged over every CSA block of the whole model (all stages).
         self.n_indexer_layers = sum(cfg.layer_kind(i) == "csa" for i in range(n_blocks))
         self.phase = "sparse"
+        for block in self.blocks():
+            block.recompute = recompute
         if torch.cuda.is_available():  # built on the CPU (see make_layer_context), run on this rank's GPU
             self.cuda(torch.cuda.current_device())
 

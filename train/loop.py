@@ -81,7 +81,8 @@ def build_model(cfg: DSV4Config, groups: ParallelGroups) -> list:
     fp8 = fp8_plan(cfg)
     chunks = [DSV4Model(cfg.model, groups.tp, params_dtype=cfg.precision.torch_params_dtype(), fp8=fp8,
                         ep_group=groups.ep if p.ep > 1 else None, etp_group=groups.etp if p.etp > 1 else None,
-                        sequence_parallel=p.sp, stage=stage, seed=cfg.run.seed).train()
+                        sequence_parallel=p.sp, stage=stage, seed=cfg.run.seed,
+                        recompute=p.recompute == "block").train()
               for stage in pipeline_stages(cfg.model.num_layers, p.pp, groups.pp_rank, p.vpp, p.pp_layers)]
     # Muon shards its state by whole tensors itself (dsv4.optim.distributed): DDP all-reduces whole gradients.
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=p.overlap_grad_reduce,
