@@ -1,6 +1,6 @@
 """Training throughput and peak memory: dsv4 against megatron-core's GPTModel with equal active parameters.
 
-    python bench/throughput.py [--models debug m100] [--lengths 4096 16384] [--reps 3] [--steps 3]
+    python bench/throughput.py [--models debug m100] [--lengths 4096 16384] [--reps 3] [--steps 3] [--recompute]
                                [--device cpu|cuda] [--dtype bfloat16|float32]
 
 For each model and sequence length, `--reps` rounds; each round trains dsv4 and then the megatron-core baseline,
@@ -185,10 +185,11 @@ def device_sync(tensor):
     return torch.cuda.synchronize if tensor.is_cuda else (lambda: None)
 
 
-def run_dsv4(model: str, seq: int, steps: int, device: str = "cpu", dtype: str = "float32") -> dict:
+def run_dsv4(model: str, seq: int, steps: int, device: str = "cpu", dtype: str = "float32",
+             recompute: bool = False) -> dict:
     """Train `steps` + 1 steps of dsv4 (`dsv4_config(model, seq, steps)`); step times in "times". On cuda also the
     training loop's model FLOPs of one step, "flops_per_step" (in the phase the steps ran in)."""
-    cfg = dsv4_config(model, seq, steps, dtype=dtype)
+    cfg = dsv4_config(model, seq, steps, dtype=dtype, overrides=("parallel.recompute=block",) if recompute else ())
     step, info = dsv4_trainer(cfg)
     times = [step(i) for i in range(steps + 1)]
     if device == "cuda":
@@ -198,7 +199,8 @@ def run_dsv4(model: str, seq: int, steps: int, device: str = "cpu", dtype: str =
     return {**info, "times": times}
 
 
-def run_megatron(model: str, seq: int, steps: int, device: str = "cpu", dtype: str = "float32") -> dict:
+def run_megatron(model: str, seq: int, steps: int, device: str = "cpu", dtype: str = "float32",
+                 recompute: bool = False) -> dict:
     """Train `steps` + 1 steps of the matched GPT (on cuda in `dtype`, see the docstring); step times in "times"."""
     import torch
     import torch.nn.functional as F
@@ -226,7 +228,11 @@ def run_megatron(model: str, seq: int, steps: int, device: str = "cpu", dtype: s
         num_layers=shape["layers"], hidden_size=shape["hidden"], num_attention_heads=shape["heads"],
         kv_channels=shape["head_dim"], ffn_hidden_size=shape["ffn"], gated_linear_unit=True, activation_func=F.silu,
         normalization="RMSNorm", add_bias_linear=False, attention_dropout=0.0, hidden_dropout=0.0,
-        params_dtype=params_dtype, bf16=bf16, use_cpu_initialization=True, init_method_std=0.02)
+        params_dtype=params_dtype, bf16=bf16, use_cpu_initialization=True, init_method_std=0.02,
+        # --recompute: megatron's full recomputation of every layer (uniform, one layer per checkpoint), as dsv4's
+        # parallel.recompute=block
+        **(dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute
+           else {}))
     gpt = GPTModel(config, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=shape["vocab"],
                    max_sequence_length=seq, position_embedding_type="rope",
                    share_embeddings_and_output_weights=False)
@@ -279,7 +285,7 @@ def run_megatron(model: str, seq: int, steps: int, device: str = "cpu", dtype: s
 
 
 def worker(system: str, model: str, seq: int, steps: int, mem_limit_gib: float, device: str = "cpu",
-           dtype: str = "float32") -> None:
+           dtype: str = "float32", recompute: bool = False) -> None:
     """One measurement in this (fresh) process; prints one JSON line. On cuda it also holds the GPU's peak memory
     ("peak_gpu", bytes), the model TFLOP/s and the MFU."""
     if device == "cuda":
@@ -289,7 +295,8 @@ def worker(system: str, model: str, seq: int, steps: int, mem_limit_gib: float, 
     else:
         limit_memory(mem_limit_gib)
     try:
-        result = (run_dsv4 if system == "dsv4" else run_megatron)(model, seq, steps, device=device, dtype=dtype)
+        result = (run_dsv4 if system == "dsv4" else run_megatron)(model, seq, steps, device=device, dtype=dtype,
+                                                                  recompute=recompute)
         timed = result.pop("times")[1:]
         result.update(step_s=statistics.median(timed), steps=len(timed))
         result["tokens_per_s"] = seq / result["step_s"]
@@ -347,8 +354,9 @@ def is_oom(e: BaseException) -> bool:
 
 
 def measure(system: str, model: str, seq: int, steps: int, mem_limit_gib: float, timeout: float,
-            device: str = "cpu", dtype: str = "float32") -> dict:
+            device: str = "cpu", dtype: str = "float32", recompute: bool = False) -> dict:
     gpu = ["--device", device, "--dtype", dtype] if device == "cuda" else []
+    gpu += ["--recompute"] if recompute else []
     return run_worker([os.path.abspath(__file__), "--worker", system, "--models", model, "--lengths", str(seq),
                        "--steps", str(steps), "--mem-limit-gib", str(mem_limit_gib), *gpu], timeout)
 
@@ -440,6 +448,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="train on the CPU or on one GPU")
     p.add_argument("--dtype", choices=["bfloat16", "float32"],
                    help="parameters and compute on cuda (default bfloat16); the CPU runs float32")
+    p.add_argument("--recompute", action="store_true",
+                   help="both systems recompute every layer in backward (dsv4 parallel.recompute=block, megatron "
+                        "recompute_granularity=full): activation memory of one layer at a time")
     p.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.device == "cuda":
@@ -448,7 +459,8 @@ def main(argv=None) -> int:
         p.error("--dtype bfloat16 needs --device cuda (the CPU figures are fp32)")
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     if args.worker:
-        worker(args.worker, args.models[0], args.lengths[0], args.steps, args.mem_limit_gib, args.device, args.dtype)
+        worker(args.worker, args.models[0], args.lengths[0], args.steps, args.mem_limit_gib, args.device, args.dtype,
+               args.recompute)
         return 0
 
     rows, start = [], time.perf_counter()
@@ -460,7 +472,7 @@ def main(argv=None) -> int:
                     if any("oom" in r for r in runs[system]):
                         continue  # out of memory is not a matter of load: another round would fail the same way
                     r = measure(system, model, seq, args.steps, args.mem_limit_gib, args.timeout, args.device,
-                                args.dtype)
+                                args.dtype, args.recompute)
                     runs[system].append(r)
                     print(f"[{model} {seq} round {rep + 1}] {system}: {json.dumps(r)}", file=sys.stderr, flush=True)
             rows.append((model, seq, runs))

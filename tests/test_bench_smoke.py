@@ -40,6 +40,11 @@ def test_throughput_workers_train_a_step_with_matched_parameters(bench):
     # The megatron baseline has as many parameters as dsv4 touches per token (within 1%).
     assert abs(runs["megatron"]["params"] / runs["dsv4"]["active"] - 1) < 0.01
     assert runs["megatron"]["shape"]["dsv4_active"] == runs["dsv4"]["active"]
+    # --recompute: both systems recompute their layers; dsv4's training is unchanged by it (same loss after a step).
+    again = {system: tp.run_worker([script, "--worker", system, "--models", "debug", "--lengths", "128", "--steps",
+                                    "1", "--recompute"], timeout=300) for system in tp.SYSTEMS}
+    assert again["dsv4"]["loss"] == runs["dsv4"]["loss"]
+    assert math.isfinite(again["megatron"]["loss"]), again["megatron"]
 
 
 @pytest.mark.parametrize("variant", ["plain_residual", "no_mtp"])
