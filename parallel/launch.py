@@ -154,12 +154,14 @@ def rendezvous(le: LaunchEnv, timeout_s: float) -> dist.Store:
                 time.sleep(0.05)
     else:
         try:
-            store.wait(["dsv4/rendezvous/verdict"], timeout)
+            # Rank 0 gives its verdict up to timeout_s after this rank joined (its deadline started when it opened
+            # the store, before any rank could join, but a loaded machine delays it): wait for that with a margin.
+            store.wait(["dsv4/rendezvous/verdict"], timedelta(seconds=timeout_s + max(10.0, 0.1 * timeout_s)))
             verdict = store.get("dsv4/rendezvous/verdict").decode()
             store.add("dsv4/rendezvous/read", 1)
         except (RuntimeError, OSError):
             raise RendezvousError(f"rank {le.rank} joined the rendezvous at {where} but rank 0 gave no verdict within "
-                                  f"{timeout_s:g} s (rank 0 died or hangs): see rank 0's log.") from None
+                                  f"the {timeout_s:g} s timeout (rank 0 died or hangs): see rank 0's log.") from None
     if verdict != "ok":
         raise RendezvousError(verdict if le.rank == 0 else f"rank 0 reports: {verdict}")
     return store
