@@ -2,7 +2,8 @@
 
 `dense_reference` is the attention layer as it was computed before the query-blocked version: one [b, s, s + T] mask
 over [every window token ; every compressed entry] and one [b, h, s, s + T] softmax, with the indexer's scores,
-top-k, KL loss and recall written out densely too. It lives only here, as the reference. Checked:
+top-k, KL loss and recall written out densely too (its softmax is the model's dense `sink_attention`). It lives only
+here, as the reference. Checked:
 - for every layer kind (SWA, CSA, HCA) and attention phase (dense, indexer_warmup, sparse), with and without packed
   documents, at lengths that are and are not multiples of the query block and of the compression ratios, shorter
   than the window, and with queries that see fewer than top-k entries: the output, the indexer's KL loss and every
@@ -20,7 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dsv4.model.attention import (Attention, KeyPattern, _BlockedSinkAttention, compressed_visibility,
-                                  same_document_entries, sliding_window_mask)
+                                  same_document_entries, sink_attention, sliding_window_mask)
 from dsv4.model.compressor import QUERY_BLOCK, index_scores
 from dsv4.model.config import ATTENTION_PHASES
 from dsv4.model.norm import rms_normalize
@@ -32,17 +33,7 @@ LAYER = {"swa": 0, "csa": 2, "hca": 3}  # debug schedule [0, 0, 4, 16, 4, 16, 0]
 
 
 # --- the dense reference (the layer before query blocking) --------------------------------------------------------
-
-
-def dense_sink_attention(q, kv, mask, sinks, scale):
-    """q [b, h, s, D], kv [b, K, D], mask [b or 1, s, K] -> output [b, h, s, D], probabilities [b, h, s, K]."""
-    logits = torch.einsum("bhsd,bkd->bhsk", q.float(), kv.float()) * scale
-    logits = logits.masked_fill(~mask.unsqueeze(1), float("-inf"))
-    sink = sinks.float().view(1, -1, 1, 1).expand(*logits.shape[:-1], 1)
-    lse = torch.logsumexp(torch.cat([logits, sink], dim=-1), dim=-1, keepdim=True)
-    probs = torch.exp(logits - lse)
-    out = torch.einsum("bhsk,bkd->bhsd", probs, kv.float())
-    return out.to(q.dtype), probs
+# Its core is the model's dense `sink_attention` (checked against the explicit formula in test_primitives.py).
 
 
 def dense_index_scores(indexer, x, q_latent, rope, doc_ids=None):
@@ -79,7 +70,7 @@ def dense_indexer_kl_loss(probs, scores, candidates):
 def dense_indexer_recall(attn, x, q_latent, q, keys, window_mask, visible, scores, rope, doc_ids):
     s, b = x.shape[:2]
     dense_mask = torch.cat([window_mask.expand(b, s, s), visible.expand(b, -1, -1)], dim=-1)
-    _, probs = dense_sink_attention(q, keys.transpose(0, 1), dense_mask, attn.attn_sink, attn.scale)
+    _, probs = sink_attention(q, keys.transpose(0, 1), dense_mask, attn.attn_sink, attn.scale)
     teacher = probs[..., s:].sum(dim=1)
     if scores is None:
         scores = dense_index_scores(attn.indexer, x, q_latent, rope, doc_ids)
@@ -120,7 +111,7 @@ def dense_reference(attn, x, rope, aux=None, doc_ids=None):
         keys = torch.cat([kv, compressed], dim=0)
         mask = torch.cat([mask.expand(b, s, s), comp_mask], dim=-1)  # [b, s, s + T]
     q = q.permute(1, 2, 0, 3)
-    out, probs = dense_sink_attention(q, keys.transpose(0, 1), mask, attn.attn_sink, attn.scale)
+    out, probs = sink_attention(q, keys.transpose(0, 1), mask, attn.attn_sink, attn.scale)
     if scores is not None and attn.training and aux is not None:
         aux.setdefault("indexer", []).append(dense_indexer_kl_loss(probs[..., s:], scores, candidates))
     if aux is not None and aux.get("record_stats") and attn.indexer is not None and n > 0:
