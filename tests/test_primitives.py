@@ -557,6 +557,29 @@ def test_sinkhorn_matches_explicit_loop(debug_cfg, iters):
         torch.testing.assert_close(got[i], ref_sinkhorn(logits[i], iters, debug_cfg.hc_eps), rtol=1e-12, atol=1e-12)
 
 
+def autograd_sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """The spec's iteration in plain tensor ops, differentiated by autograd: the reference for the backward."""
+    m = torch.softmax(logits, dim=-1) + eps
+    m = m / (m.sum(dim=-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        m = m / (m.sum(dim=-1, keepdim=True) + eps)
+        m = m / (m.sum(dim=-2, keepdim=True) + eps)
+    return m
+
+
+@pytest.mark.parametrize("iters", [1, 3, 20])
+def test_sinkhorn_backward_matches_autograd(debug_cfg, iters):
+    """sinkhorn_knopp's hand-written backward equals autograd through the plain iteration (float64) and passes
+    torch's numerical gradcheck; the incoming gradient is made non-contiguous as the model's [s, b, n, n] view is."""
+    torch.manual_seed(0)
+    logits = (torch.randn(6, 4, 4, dtype=torch.float64) * 0.7).requires_grad_(True)
+    grad_out = torch.randn(4, 4, 6, dtype=torch.float64).permute(2, 0, 1)  # non-contiguous, like the model's
+    got, = torch.autograd.grad(sinkhorn_knopp(logits, iters, debug_cfg.hc_eps), logits, grad_out)
+    want, = torch.autograd.grad(autograd_sinkhorn(logits, iters, debug_cfg.hc_eps), logits, grad_out)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda z: sinkhorn_knopp(z, iters, debug_cfg.hc_eps), (logits[:2],))
+
+
 def _randomize_hc(mod) -> None:
     with torch.no_grad():
         mod.fn.normal_(0, 0.3)
@@ -616,6 +639,38 @@ def test_hyper_connection_collapse_and_expand(debug_cfg):
             res[..., i, j:j + 1].double() * streams[:, :, i].double() for i in range(n))
         torch.testing.assert_close(new[:, :, j].double(), ref_j, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(res, res.transpose(-1, -2), atol=1e-3)  # the transpose is actually tested
+
+
+def test_hyper_connection_gradients_match_plain_autograd(debug_cfg):
+    """Gradients through weights, collapse and expand (to the streams, fn, base and scale) equal autograd through
+    the textbook form: normalise, then project; broadcast-and-sum collapse; C F + B^T X expand."""
+    cfg = debug_cfg
+    n, eps = cfg.hc_mult, cfg.hc_eps
+    torch.manual_seed(0)
+    hc = HyperConnection(cfg)
+    _randomize_hc(hc)
+    streams = torch.randn(5, 2, n, cfg.hidden_size, requires_grad=True)
+    sublayer = torch.randn(cfg.hidden_size, cfg.hidden_size) / cfg.hidden_size ** 0.5
+
+    def textbook(x_streams, fn, base, scale):
+        mixes = rms_normalize(x_streams.flatten(-2), cfg.rms_norm_eps) @ fn.t()
+        pre, post, res = mixes.split([n, n, n * n], dim=-1)
+        pre = torch.sigmoid(pre * scale[0] + base[:n]) + eps
+        post = 2 * torch.sigmoid(post * scale[1] + base[n:2 * n])
+        res = autograd_sinkhorn((res * scale[2] + base[2 * n:]).unflatten(-1, (n, n)), cfg.hc_sinkhorn_iters, eps)
+        out = torch.tanh((pre.unsqueeze(-1) * x_streams).sum(-2) @ sublayer)
+        return post.unsqueeze(-1) * out.unsqueeze(-2) + res.transpose(-1, -2) @ x_streams
+
+    def ours(x_streams):
+        pre, post, res = hc.weights(x_streams)
+        return hc.expand(torch.tanh(hc.collapse(x_streams, pre) @ sublayer), x_streams, post, res)
+
+    grad_out = torch.randn_like(streams)
+    params = [hc.fn, hc.base, hc.scale]
+    got = torch.autograd.grad(ours(streams), [streams, *params], grad_out)
+    want = torch.autograd.grad(textbook(streams, *params), [streams, *params], grad_out)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
 def test_hyper_head_matches_spec(debug_cfg):
