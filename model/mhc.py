@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .config import ModelConfig
 
@@ -64,6 +65,7 @@ class _SinkhornKnopp(torch.autograd.Function):
         return m
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         p, *saved = ctx.saved_tensors
         k = len(ctx.axes)
