@@ -21,7 +21,6 @@ a debug-model step, `bench/RESULTS.md`):
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
@@ -110,7 +109,7 @@ class HyperConnection(nn.Module):
     def weights(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """streams [s, b, n, d] -> pre [s, b, n], post [s, b, n], res [s, b, n, n] (all fp32)."""
         n, sb = self.n, streams.shape[:-2]
-        alpha = self.scale.repeat_interleave(torch.tensor([n, n, n * n], device=self.scale.device))
+        alpha = torch.cat([self.scale[:1].expand(n), self.scale[1:2].expand(n), self.scale[2:].expand(n * n)])
         logits = mixing_logits(streams, self.fn, alpha, self.base, self.norm_eps)  # [(2 + n) n, s b]
         pre = torch.sigmoid(logits[:n]) + self.hc_eps
         post = 2 * torch.sigmoid(logits[n:2 * n])

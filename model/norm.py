@@ -9,8 +9,8 @@ from torch import nn
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) over the last dim, computed in fp32, returned in x's dtype.
 
-    The weightless form is the per-head query norm (`q *= rsqrt(mean(q^2) + eps)` in the reference) and the
-    input norm of the mHC mixing projections (whose RMSNorm weight the reference folds into `hc_fn`).
+    The weightless form is the per-head query norm (`q *= rsqrt(mean(q^2) + eps)` in the reference). (mHC's input
+    norm, whose weight the reference folds into `hc_fn`, is applied after its projection: `mhc.mixing_logits`.)
     """
     xf = x.float()
     return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
