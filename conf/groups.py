@@ -7,6 +7,7 @@ conf/<group>/*.yaml hold values only.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -19,7 +20,25 @@ from dsv4.parallel.fp8 import BACKENDS, MODULES, RECIPES
 from dsv4.train.preemption import signal_number
 
 RECOMPUTE = ("none", "block")
+AUTO_WARMUP_STEPS = 20
+"""optim.warmup_steps when unset: this many steps, at most a tenth of run.steps (DSV4Config.validate)."""
 _TIME = re.compile(r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$")
+
+
+def _need_creatable(path: str, key: str) -> None:
+    """`path` is a folder, or one this process can create: its nearest existing ancestor is a writable folder.
+    Checked without creating anything (validation has no side effects)."""
+    path = os.path.abspath(os.path.expanduser(path))
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if probe == path:
+        _need(os.path.isdir(path), key, f"{path} exists and is not a folder; choose another path")
+    else:
+        _need(os.path.isdir(probe), key, f"{path} cannot be created: {probe} is a file, not a folder; choose "
+                                         f"another path")
+    _need(os.access(probe, os.W_OK | os.X_OK), key, f"{path} cannot be written: {probe} is not writable by this "
+                                                   f"user; choose a path under a folder you can write")
 
 
 @dataclass
@@ -92,8 +111,9 @@ class OptimConfig:
     schedule: str = "cosine"
     """cosine: linear warm-up then cosine decay to min_lr; wsd: warm-up, stable, then linear decay over the last
     decay_fraction of the steps; constant: warm-up then flat."""
-    warmup_steps: int = 10
-    """Linear warm-up steps from 0 to lr."""
+    warmup_steps: Optional[int] = None
+    """Linear warm-up steps from 0 to lr; unset (null, the presets): 20, clipped to a tenth of run.steps for runs
+    shorter than 200 steps (with a notice). A value given is used as is (and must leave steps to decay)."""
     decay_fraction: float = 0.2
     """wsd only: fraction of run.steps spent decaying."""
     weight_decay: float = 0.1
@@ -107,7 +127,12 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 disables)."""
     mtp_loss_weight_after_decay: float = 0.1
-    """V4 lowers the MTP loss weight from model.mtp_loss_weight to this once the LR decay starts."""
+    """The MTP loss weight from optim.mtp_weight_switch_step on (before it: model.mtp_loss_weight; V3/V4: 0.3, 0.1)."""
+    mtp_weight_switch_step: int = -1
+    """First optimizer step (0-based) with the lowered MTP loss weight; -1: where a WSD decay would start,
+    run.steps - round(decay_fraction x run.steps) (at least warmup_steps), under every schedule: DeepSeek-V3 kept
+    0.3 for its first 10T of 14.8T tokens and switched when its constant-LR phase ended, not when cosine decay
+    would start (right after warm-up); a step >= run.steps never switches."""
     muon_momentum: float = 0.95
     """muon: momentum mu (V4: 0.95)."""
     muon_nesterov: bool = True
@@ -132,7 +157,8 @@ class OptimConfig:
               f"{self.schedule!r}: choose cosine, wsd or constant")
         _need(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
         _need(0 <= self.min_lr <= self.lr, "optim.min_lr", f"must be in [0, optim.lr={self.lr}], got {self.min_lr}")
-        _need(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _need(self.warmup_steps is None or self.warmup_steps >= 0, "optim.warmup_steps",
+              f"must be >= 0 (or null: derived from run.steps), got {self.warmup_steps}")
         _need(0 < self.decay_fraction <= 1, "optim.decay_fraction", f"must be in (0, 1], got {self.decay_fraction}")
         _need(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _need(0 <= self.beta1 < 1, "optim.beta1", f"must be in [0, 1), got {self.beta1}")
@@ -140,6 +166,8 @@ class OptimConfig:
         _need(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
         _need(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables clipping), got {self.grad_clip}")
         _need(self.mtp_loss_weight_after_decay >= 0, "optim.mtp_loss_weight_after_decay", "must be >= 0")
+        _need(self.mtp_weight_switch_step >= -1, "optim.mtp_weight_switch_step",
+              f"must be a step >= 0, or -1 for the WSD decay start, got {self.mtp_weight_switch_step}")
 
 
 @dataclass
@@ -158,9 +186,10 @@ class DataConfig:
     """Tokens per training sequence."""
     micro_batch_size: int = 2
     """Sequences per forward/backward on one data-parallel rank."""
-    global_batch_size: int = 2
+    global_batch_size: int = 0
     """Sequences per optimizer step over all data-parallel ranks (a multiple of micro_batch_size * dp size:
-    the remainder is gradient accumulation)."""
+    the remainder is gradient accumulation); 0: micro_batch_size x the data-parallel size, no accumulation (so
+    the batch grows with the ranks; state it to keep one batch across layouts, e.g. to resume on another)."""
     split: str = "98,2,0"
     """Train/valid/test split of each dataset's documents, in parts."""
     document_mask: bool = False
@@ -170,7 +199,9 @@ class DataConfig:
     def validate(self) -> None:
         _need(self.seq_length > 0, "data.seq_length", f"must be > 0, got {self.seq_length}")
         _need(self.micro_batch_size > 0, "data.micro_batch_size", f"must be > 0, got {self.micro_batch_size}")
-        _need(self.global_batch_size > 0, "data.global_batch_size", f"must be > 0, got {self.global_batch_size}")
+        _need(self.global_batch_size >= 0, "data.global_batch_size",
+              f"must be > 0 (or 0: micro_batch_size x the data-parallel size), got {self.global_batch_size}")
+        _need_creatable(self.cache_dir, "data.cache_dir")
         _need(not self.weights or len(self.weights) == len(self.prefixes), "data.weights",
               f"{len(self.weights)} weights for {len(self.prefixes)} prefixes; give one per prefix or none")
         _need(all(w > 0 for w in self.weights), "data.weights", f"must all be > 0, got {self.weights}")
@@ -236,7 +267,8 @@ class RunConfig:
     eval_interval: int = 100
     """Steps between validation passes (0 disables)."""
     eval_iters: int = 4
-    """Micro-batches per validation pass."""
+    """Validation micro-batches (of data.micro_batch_size sequences) per pass for the whole job, split over the
+    data-parallel ranks: the same sequences under every layout."""
     on_nan: str = "skip"
     """A non-finite loss: skip the step (no update) or stop the run with a message."""
     max_skipped_steps: int = 10
@@ -261,6 +293,8 @@ class RunConfig:
 
     def validate(self) -> None:
         _need(self.steps > 0, "run.steps", f"must be > 0, got {self.steps}")
+        _need(self.seed >= 0, "run.seed", f"must be >= 0, got {self.seed}")
+        _need_creatable(self.output_dir, "run.output_dir")
         _need(self.log_interval > 0, "run.log_interval", f"must be > 0, got {self.log_interval}")
         _need(self.eval_interval >= 0, "run.eval_interval", f"must be >= 0 (0 disables), got {self.eval_interval}")
         _need(self.eval_iters > 0, "run.eval_iters", f"must be > 0, got {self.eval_iters}")

@@ -12,6 +12,7 @@ Adding a group (data, optim, run, ...): a dataclass with a documented field per 
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 from dataclasses import dataclass, field, is_dataclass
@@ -26,7 +27,9 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from dsv4.model.config import ConfigError, ModelConfig
 from dsv4.parallel.launch import launch_world_size
 
-from .groups import ClusterConfig, DataConfig, OptimConfig, ParallelConfig, PrecisionConfig, RunConfig
+from .groups import AUTO_WARMUP_STEPS, ClusterConfig, DataConfig, OptimConfig, ParallelConfig, PrecisionConfig, RunConfig
+
+log = logging.getLogger(__name__)
 
 CONF_DIR = os.path.dirname(os.path.abspath(__file__))
 """The folder holding config.yaml and the group presets (shipped as package data of dsv4.conf)."""
@@ -117,6 +120,12 @@ class DSV4Config:
                               f"{model.num_layers} or [] for an even split")
         # Batches.
         per_step = data.micro_batch_size * dp
+        if not data.global_batch_size:  # unset: one micro-batch per data-parallel rank, on any number of ranks
+            data.global_batch_size = per_step
+            if dp > 1:
+                log.info("data.global_batch_size: unset, so micro_batch_size x data-parallel ranks = %d x %d = %d "
+                         "sequences per step; state it to keep one batch across layouts", data.micro_batch_size, dp,
+                         per_step)
         if data.global_batch_size % per_step:
             raise ConfigError(f"data.global_batch_size: {data.global_batch_size} is not a multiple of "
                               f"data.micro_batch_size={data.micro_batch_size} x {dp} data-parallel "
@@ -127,9 +136,23 @@ class DSV4Config:
                               f"per step (global / (data.micro_batch_size={data.micro_batch_size} x {dp} "
                               f"data-parallel ranks)), not a multiple of parallel.pp={pp} as megatron's interleaved "
                               f"schedule (parallel.vpp={vpp}) requires; use a multiple of {per_step * pp}")
-        if vpp > 1 and self.run.eval_iters % pp:
-            raise ConfigError(f"run.eval_iters: {self.run.eval_iters} validation micro-batches cannot run through the "
-                              f"interleaved schedule of parallel.pp={pp}; use a multiple of {pp}")
+        if model.indexer_warmup_steps and par.overlap_grad_reduce:
+            # megatron's overlapped reduction waits for every parameter's gradient hook; frozen tensors fire none.
+            raise ConfigError(f"parallel.overlap_grad_reduce: the indexer warm-up (model.indexer_warmup_steps="
+                              f"{model.indexer_warmup_steps}) freezes all but the indexers, and megatron's overlapped "
+                              f"gradient reduction needs every parameter's gradient; set "
+                              f"parallel.overlap_grad_reduce=false or model.indexer_warmup_steps=0")
+        # Validation: run.eval_iters micro-batches for the whole job, each rank ceil(eval_iters / dp) (data.valid).
+        eval_per_rank = -(-self.run.eval_iters // dp)
+        if vpp > 1 and eval_per_rank % pp:
+            raise ConfigError(f"run.eval_iters: {self.run.eval_iters} validation micro-batches give {eval_per_rank} "
+                              f"per data-parallel rank ({dp} ranks), which cannot run through the interleaved "
+                              f"schedule of parallel.pp={pp}; use a multiple of {dp * pp}")
+        if self.optim.warmup_steps is None:  # unset: AUTO_WARMUP_STEPS, at most a tenth of a short run
+            self.optim.warmup_steps = min(AUTO_WARMUP_STEPS, self.run.steps // 10)
+            if self.optim.warmup_steps < AUTO_WARMUP_STEPS:
+                log.info("optim.warmup_steps: unset, so %d warm-up steps (a tenth of run.steps=%d; %d from %d steps "
+                         "on)", self.optim.warmup_steps, self.run.steps, AUTO_WARMUP_STEPS, 10 * AUTO_WARMUP_STEPS)
         if self.optim.warmup_steps >= self.run.steps and self.optim.schedule != "constant":
             raise ConfigError(f"optim.warmup_steps: {self.optim.warmup_steps} warm-up steps leave no decay in "
                               f"run.steps={self.run.steps}; lower it or run longer")
@@ -175,9 +198,15 @@ def compose_config(model: str = "debug", overrides: Sequence[str] = (), world_si
 
 def compose_raw(model: str = "debug", overrides: Sequence[str] = ()) -> DictConfig:
     """The composed DictConfig, before type and layout checks (ConfigError for unknown presets and keys)."""
+    return compose_overrides([f"model={model}", *overrides], model)
+
+
+def compose_overrides(overrides: Sequence[str], model: str = "debug") -> DictConfig:
+    """conf/config.yaml composed with command-line `overrides` as given (`model=...` among them or not), before
+    type and layout checks; ConfigError for unknown presets and keys. `dsv4-train` runs this before Hydra does."""
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-            return compose("config", overrides=[f"model={model}", *overrides])
+            return compose("config", overrides=list(overrides))
     except MissingConfigException as e:
         raise ConfigError(_missing_preset_message(e, model)) from e
     except (HydraException, OmegaConfBaseException) as e:
@@ -186,12 +215,16 @@ def compose_raw(model: str = "debug", overrides: Sequence[str] = ()) -> DictConf
 
 def to_config(cfg: DictConfig, world_size: int | None = None) -> DSV4Config:
     """A composed DictConfig (from `compose_config` or a `@hydra.main` app) -> a validated `DSV4Config`."""
+    return to_object(cfg).validate(world_size)
+
+
+def to_object(cfg: DictConfig) -> DSV4Config:
+    """A composed DictConfig -> a type-checked `DSV4Config`, not yet validated (unset derived values stay unset)."""
     try:
         _reject_added_keys(cfg, DSV4Config, "")
-        obj = OmegaConf.to_object(cfg)
+        return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise _as_config_error(e) from e
-    return obj.validate(world_size)
 
 
 # --- turning Hydra/OmegaConf errors into messages that name the key and the fix -------------------------------------
@@ -241,7 +274,9 @@ def _unknown_key_message(full_key: str) -> str:
     parent, _, name = full_key.rpartition(".")
     schema = _field_type(parent) if parent else DSV4Config
     valid = list(get_type_hints(schema)) if is_dataclass(schema) else []
-    close = difflib.get_close_matches(name, valid, n=1)
+    # A spelling slip (hiden_size), or a name spelt out where the key abbreviates it (learning_rate -> lr).
+    initials = "".join(word[0] for word in name.split("_") if word)
+    close = difflib.get_close_matches(name, valid, n=1) or [v for v in valid if v == initials and len(v) > 1]
     did_you_mean = f"did you mean '{close[0]}'? " if close else ""
     # The schema lists every key; a group's presets may state only some (and only model has a debug.yaml).
     where = f"{_GROUPS[parent].__module__}.{_GROUPS[parent].__qualname__}" if parent in _GROUPS else "conf/config.yaml"

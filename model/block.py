@@ -66,8 +66,10 @@ class MTPBlock(nn.Module):
 
     Combines the previous depth's streams at position t with the embedding of token t+k:
         X = e_proj(enorm(embed(ids shifted by k))) + h_proj(hnorm(X_prev))   (h_proj per stream)
-    then one full block (its schedule entry is `compress_ratios[num_layers + k - 1]`), then its own `hc_head`.
-    The embedding, final norm and output head are shared with the main model.
+    then one full block (its schedule entry is `compress_ratios[num_layers + k - 1]`), then its own `hc_head`
+    and its own final `norm`:  logits_k = head(norm_k(hc_head_k(X)))  (reference: `self.head(x, self.hc_head_fn,
+    ..., self.norm)`; the released checkpoints hold `mtp.<i>.norm.weight`). Only the embedding and the output
+    head are shared with the main model.
     """
 
     def __init__(self, cfg: ModelConfig, ctx: LayerContext, depth: int):
@@ -78,13 +80,14 @@ class MTPBlock(nn.Module):
         self.h_proj = replicated_linear(ctx, cfg.hidden_size, cfg.hidden_size)
         self.block = Block(cfg, ctx, cfg.num_layers + depth - 1)
         self.hc_head = HyperHead(cfg)
-        sum_grads_over_tp(ctx, self.enorm, self.hnorm, self.e_proj, self.h_proj, self.hc_head,
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        sum_grads_over_tp(ctx, self.enorm, self.hnorm, self.e_proj, self.h_proj, self.hc_head, self.norm,
                           sequence_parallel_only=True)
 
     def forward(self, streams: torch.Tensor, embedded_next: torch.Tensor, token_ids_next: torch.Tensor,
                 rope: RotaryEmbedding, aux: dict | None = None,
                 doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """streams [s, b, n, d]; embedded_next [s, b, d] -> (new streams, collapsed hidden [s, b, d])."""
-        x = self.e_proj(self.enorm(embedded_next)).unsqueeze(-2) + self.h_proj(self.hnorm(streams))
+        """streams [s, b, n, d]; embedded_next [s, b, d] -> (new streams, normed hidden [s, b, d] for the head)."""
+        x = self.e_proj(self.enorm(embedded_next)).unsqueeze(-2) + self.h_proj(self.hnorm(streams))  # [s, b, n, d]
         streams = self.block(x, token_ids_next, rope, aux, doc_ids)
-        return streams, self.hc_head(streams)
+        return streams, self.norm(self.hc_head(streams))  # [s, b, d]

@@ -69,7 +69,7 @@ class ModelConfig:
     index_n_heads: int = 64
     """Lightning-indexer query heads."""
     index_head_dim: int = 128
-    """Lightning-indexer head dimension (a power of two: its Hadamard rotation needs one)."""
+    """Lightning-indexer head dimension (a power of two with quant_sim on: its Hadamard rotation needs one)."""
     index_topk: int = 512
     """Compressed entries each query keeps in CSA layers (sparse phase)."""
 
@@ -184,19 +184,25 @@ class ModelConfig:
         for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim", "q_lora_rank", "o_groups",
                     "o_lora_rank", "sliding_window", "csa_ratio", "hca_ratio", "index_n_heads", "index_head_dim",
                     "index_topk", "n_routed_experts", "n_activated_experts", "moe_intermediate_size", "hc_mult",
-                    "hc_sinkhorn_iters"):
-            need(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
+                    "hc_sinkhorn_iters", "max_position_embeddings", "yarn_original_max_position",
+                    # Scales and floors: zero or negative would divide by zero, flip signs or take a log of <= 0.
+                    "rope_theta", "compress_rope_theta", "routed_scaling_factor", "hc_eps", "rms_norm_eps",
+                    "init_std"):
+            need(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")  # also refuses NaN
         for key in ("num_hash_layers", "mtp_depth", "n_shared_experts", "dense_attention_steps",
-                    "indexer_warmup_steps"):
+                    "indexer_warmup_steps", "hash_seed", "bias_update_rate", "seq_aux_loss_coef",
+                    "indexer_loss_coef"):
             need(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+        need(self.yarn_beta_slow > 0, "yarn_beta_slow", f"must be > 0 rotations, got {self.yarn_beta_slow}")
+        need(self.yarn_beta_fast > self.yarn_beta_slow, "yarn_beta_fast",
+             f"{self.yarn_beta_fast} must exceed yarn_beta_slow={self.yarn_beta_slow} (YaRN ramps between the "
+             f"dims of beta_fast and of beta_slow rotations); raise it or lower yarn_beta_slow")
         need(self.rope_head_dim % 2 == 0 and 0 < self.rope_head_dim <= self.head_dim, "rope_head_dim",
              f"must be even and in (0, head_dim={self.head_dim}], got {self.rope_head_dim}")
         need(self.num_heads % self.o_groups == 0, "o_groups",
              f"num_heads={self.num_heads} must be divisible by o_groups={self.o_groups}; pick a divisor")
         need(self.csa_ratio != self.hca_ratio, "hca_ratio",
              f"must differ from csa_ratio={self.csa_ratio}, else the schedule cannot tell CSA from HCA layers")
-        need(self.index_head_dim & (self.index_head_dim - 1) == 0, "index_head_dim",
-             f"must be a power of two for the Hadamard rotation, got {self.index_head_dim}")
         need(self.index_head_dim >= self.rope_head_dim, "index_head_dim",
              f"must be >= rope_head_dim={self.rope_head_dim} (the indexer ropes its last rope_head_dim dims)")
         need(self.n_activated_experts <= self.n_routed_experts, "n_activated_experts",
@@ -212,6 +218,10 @@ class ModelConfig:
         need(self.num_hash_layers <= self.num_layers, "num_hash_layers",
              f"{self.num_hash_layers} hash-routed layers but only num_layers={self.num_layers} blocks")
         if self.quant_sim:
+            # The indexer's Hadamard rotation (before its FP4 simulation) only runs here; it needs a power of two.
+            need(self.index_head_dim & (self.index_head_dim - 1) == 0, "index_head_dim",
+                 f"must be a power of two for the Hadamard rotation of the FP4 simulation, got "
+                 f"{self.index_head_dim}; pick a power of two or set model.quant_sim=false")
             nope = self.head_dim - self.rope_head_dim
             need(self.quant_fp8_block > 0 and nope % self.quant_fp8_block == 0, "quant_fp8_block",
                  f"{self.quant_fp8_block} must divide the {nope} non-RoPE dims of a head (head_dim - rope_head_dim); "

@@ -5,6 +5,12 @@ Export writes DeepSeek's own checkpoint layout (the names of the released V4 saf
 `config.json` of `model_type: deepseek_v4`; `transformers`' `DeepseekV4ForCausalLM.from_pretrained` renames these
 keys itself (its conversion mapping) and ignores the `mtp.*` keys (it does not implement MTP). Import reads the
 same layout back. Weights are written as they are (fp32 or bf16); the released FP8/FP4 packing is not produced.
+
+Each MTP block is written as in the released checkpoints: its block's tensors directly under `mtp.<i>.` (no
+`block.`), plus `enorm`, `hnorm`, `e_proj`, `h_proj`, `hc_head_{fn,base,scale}` and its own final `norm`.
+A directory that transformers' `save_pretrained` wrote counts MTP blocks in its config
+(`num_nextn_predict_layers`, 1 by default) but holds no `mtp.*` tensors: `split_mtp` says which blocks are
+missing, and `dsv4.load_hf` initialises them or imports without MTP (its `mtp` argument).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Dict
+from typing import Dict, Sequence
 
 import torch
 
@@ -69,6 +75,17 @@ def canonical_deepseek_name(key: str) -> str:
     for pattern, repl in _HF_SAVE_RENAMES:
         key = re.sub(pattern, repl, key)
     return key
+
+
+def split_mtp(ds_state: Dict[str, torch.Tensor], depth: int) -> tuple[Dict[str, torch.Tensor], list, list]:
+    """For a model of MTP depth `depth`: (the tensors it loads, by DeepSeek's names; the indices i < depth of the
+    MTP blocks the state holds no `mtp.<i>.*` tensor of; the indices i >= depth of the MTP blocks it holds, which
+    are left out)."""
+    ds_state = {canonical_deepseek_name(k): v for k, v in ds_state.items()}
+    block = {k: int(m.group(1)) for k in ds_state if (m := re.match(r"^mtp\.(\d+)\.", k))}
+    held = set(block.values())
+    kept = {k: v for k, v in ds_state.items() if block.get(k, -1) < depth}
+    return kept, [i for i in range(depth) if i not in held], sorted(i for i in held if i >= depth)
 
 
 def from_deepseek_state_dict(ds_state: Dict[str, torch.Tensor], our_names) -> Dict[str, torch.Tensor]:
@@ -228,6 +245,10 @@ def from_hf_config(hf: dict, **overrides) -> ModelConfig:
                              f"give {derived!r}; edit both or delete the `dsv4` block")
     fields.update({k: v for k, v in ours.items() if k in known})
     fields.update(overrides)
+    depth, ratios = fields["mtp_depth"], fields["compress_ratios"]
+    if "compress_ratios" not in overrides and len(ratios) > n + depth:
+        # The schedule lists the MTP blocks last: importing fewer of them (mtp_depth=0: without MTP) drops theirs.
+        fields["compress_ratios"] = list(ratios)[: n + depth]
     return ModelConfig(**fields).validate()
 
 
@@ -295,16 +316,18 @@ def read_hf_weights(path: str) -> Dict[str, torch.Tensor]:
     return state
 
 
-def load_hf_into(model: torch.nn.Module, ds_state: Dict[str, torch.Tensor]) -> None:
-    """Copy DeepSeek-named tensors into a (tensor-parallel size 1) model, strictly."""
+def load_hf_into(model: torch.nn.Module, ds_state: Dict[str, torch.Tensor], keep_mtp: Sequence[int] = ()) -> None:
+    """Copy DeepSeek-named tensors into a (tensor-parallel size 1) model, strictly: every tensor of the model but
+    those of the MTP blocks `keep_mtp` (which keep their weights), and no tensor more."""
     ours = full_state_dict(model)
-    converted = from_deepseek_state_dict(ds_state, ours.keys())
+    kept = tuple(f"mtp.{i}." for i in keep_mtp)
+    converted = from_deepseek_state_dict(ds_state, [k for k in ours if not k.startswith(kept)])
     for k, v in converted.items():
         if v.shape != ours[k].shape:
             raise ValueError(f"{k}: checkpoint shape {tuple(v.shape)} != model shape {tuple(ours[k].shape)}; "
                              f"check that config.json matches the weights")
     result = model.load_state_dict({k: v.to(ours[k].dtype) for k, v in converted.items()}, strict=False)
     # megatron's linears carry an empty `_extra_state` entry (TransformerEngine compatibility): nothing to load.
-    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state") and not k.startswith(kept)]
     if missing or result.unexpected_keys:
         raise KeyError(f"weights do not match the model: missing {missing}, unexpected {result.unexpected_keys}")

@@ -3,7 +3,8 @@
     h = embed(ids);  X = [h, h, h, h]                     (n = hc_mult residual streams)
     X = block_l(X) for every block l                      (hybrid SWA / CSA / HCA attention + MoE, inside mHC)
     logits = head(norm(hc_head(X)))
-    MTP depth k: X_k = mtp_k(X_{k-1}, embed(ids shifted by k)); logits_k = head(norm(mtp_k.hc_head(X_k)))
+    MTP depth k: X_k = mtp_k(X_{k-1}, embed(ids shifted by k)); logits_k = head(mtp_k.norm(mtp_k.hc_head(X_k)))
+                 (each MTP block has its own final norm; the embedding and head are shared)
 
 The loss is  CE(main) + mtp_loss_weight * mean_k CE(depth k) + indexer_loss_coef * mean(indexer KL losses)
 + sum(sequence balance losses). Inputs are [b, s] token ids as users hold them; inside, activations are
@@ -252,10 +253,6 @@ class DSV4Model(MegatronModule):
         h = self.embed(ids_bs)
         return h if self.ctx.sequence_parallel else h.transpose(0, 1)
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Collapsed hidden [s(/tp), b, d] -> vocab-parallel logits [s, b, vocab / tp]."""
-        return self.head(self.norm(hidden))
-
     def _ce(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean token loss over `mask`; logits [s, b, v/tp], labels and mask [s, b]."""
         per_token = vocab_parallel_cross_entropy(logits, labels, self.tp_group)
@@ -302,7 +299,7 @@ class DSV4Model(MegatronModule):
                 out = _AttachLoss.apply(out, aux_losses["total"], self.loss_scale)
             return out
 
-        logits = self._logits(self.hc_head(streams))
+        logits = self.head(self.norm(self.hc_head(streams)))  # [s, b, vocab / tp]
         out = ModelOutput()
         if record_stats:
             out.stats = combine_stats([self.stats_parts])
@@ -325,7 +322,7 @@ class DSV4Model(MegatronModule):
             streams, hidden = mtp(streams, self._embed(ids_k.t()), ids_k, self.rope, aux, docs)
             mask_k = torch.roll(mask, -k, dims=0).clone()
             mask_k[-k:] = 0
-            out.mtp_losses.append(self._ce(self._logits(hidden), torch.roll(labels, -k, dims=0), mask_k))
+            out.mtp_losses.append(self._ce(self.head(hidden), torch.roll(labels, -k, dims=0), mask_k))
         if out.mtp_losses:
             weight = self.cfg.mtp_loss_weight if mtp_loss_weight is None else mtp_loss_weight
             total = total + weight * torch.stack(out.mtp_losses).mean()

@@ -60,22 +60,32 @@ def _replicas(opt) -> Optional[dist.ProcessGroup]:
     return opt.data_parallel_group if isinstance(opt, DistributedOptimizer) else None
 
 
-def _step(optimizer) -> int:
-    """torch Adam's step count (the same for every parameter: megatron steps all of them together)."""
+def _steps(optimizer, by_param: dict) -> tuple[int, dict]:
+    """torch Adam's step counts: the largest (that of every parameter trained at every step) and {parameter key:
+    step} of the parameters whose count differs (left out of the update for some steps: the indexer warm-up freezes
+    all but the indexers, `dsv4.train.loop.leave_out_frozen`). Gathered from every rank: a collective."""
+    local = {}
     for opt in _optimizers(optimizer):
-        for state in opt.optimizer.state.values():
-            if "step" in state:
-                return int(state["step"])
-    return 0
+        for p, rng, states in _local_states(opt):
+            if rng is not None:
+                local[by_param[id(p)].key.removeprefix("model.")] = int(states.get("step", 0))
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, local)
+    steps = {k: v for rank_steps in every for k, v in rank_steps.items()}
+    common = max(steps.values(), default=0)
+    return common, {k: v for k, v in steps.items() if v != common}
 
 
 def adam_sharded_state_dict(optimizer, model_state: dict, is_loading: bool = False,
                             available: Optional[set] = None) -> dict:
     """ShardedTensors of the AdamW moments (and fp32 master weights of non-fp32 parameters) of megatron-core's
     (chained) optimizer, keyed `optimizer.adam.<state>.<parameter key>`, plus the step count. `model_state`: the
-    model's sharded state dict. Loading: allocates the tensors to read, restricted to the keys `available`."""
+    model's sharded state dict. Loading: allocates the tensors to read, restricted to the keys `available`.
+    Saving is a collective (the step counts are gathered from every rank)."""
     by_param = {id(sh.data): sh for sh in model_state.values()}
-    out: dict = {"optimizer.adam.step": _step(optimizer)}
+    out: dict = {"optimizer.adam.step": 0, "optimizer.adam.steps": {}}  # loading: the checkpoint's replace them
+    if not is_loading:
+        out["optimizer.adam.step"], out["optimizer.adam.steps"] = _steps(optimizer, by_param)
     for opt in _optimizers(optimizer):
         entries = list(_local_states(opt))
         names = [*MOMENTS] + (["param"] if any(p.dtype != torch.float32 for p, _, _ in entries) else [])
@@ -116,8 +126,10 @@ def _reassemble(entries: list, name: str, replicas) -> dict:
 def load_adam_state_dict(optimizer, keys: dict, loaded: dict) -> None:
     """Put the tensors a `dist_checkpointing.load` filled (from `adam_sharded_state_dict(..., is_loading=True)`) into
     the optimizer: each rank keeps its range. `keys`: {id(model parameter): its checkpoint key without "model."}.
-    Every parameter gets its own `step` tensor (torch increments it in place)."""
+    Every parameter gets its own `step` tensor (torch increments it in place): the checkpoint's common step, or
+    its own where `optimizer.adam.steps` lists it."""
     step = float(loaded["optimizer.adam.step"])
+    own_steps = loaded.get("optimizer.adam.steps") or {}
     for opt in _optimizers(optimizer):
         opt.init_state_fn(opt.optimizer, opt.config)  # allocate exp_avg / exp_avg_sq where torch has none yet
         for group in opt.optimizer.param_groups:
@@ -128,3 +140,5 @@ def load_adam_state_dict(optimizer, keys: dict, loaded: dict) -> None:
                 key = f"optimizer.adam.{name}.{keys[id(p)]}"
                 if rng is not None and key in loaded:
                     states[name].view(-1).copy_(loaded[key].reshape(-1)[rng[0]:rng[1]])
+            if rng is not None and keys[id(p)] in own_steps:
+                opt.optimizer.state[states["param"]]["step"] = torch.tensor(float(own_steps[keys[id(p)]]))

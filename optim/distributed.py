@@ -58,11 +58,13 @@ class _Entry:
     state: dict = field(default_factory=dict)
 
 
-def global_grad_norm(params, groups) -> torch.Tensor:
+def global_grad_norm(params, groups, device: Optional[torch.device] = None) -> torch.Tensor:
     """L2 norm of the whole model's gradient from this rank's parameters: tensor-parallel shards summed over tp,
     routed experts over their expert-parallel and expert-tensor-parallel groups, every stage over pp; tensors
-    replicated over tp or dp, and the last stage's embedding copy (`shared`), counted once."""
-    device = next(iter(params)).device
+    replicated over tp or dp, and the last stage's embedding copy (`shared`), counted once. `device`: where the sums
+    live (default: the first parameter's; needed when this rank trains no parameter this step)."""
+    params = list(params)
+    device = device if device is not None else params[0].device
     dense_split = torch.zeros((), dtype=torch.float64, device=device)
     replicated = torch.zeros((), dtype=torch.float64, device=device)
     experts = torch.zeros((), dtype=torch.float64, device=device)
@@ -111,6 +113,7 @@ class DistributedMuon:
         self.entries = [self._entry(name, p, id(p) in muon_ids, model_cfg) for name, p in named_params]
         self._assign_owners()
         self._loading: dict = {}  # checkpoint key -> (entry, state name) while a load is prepared
+        self._keys: dict = {}  # id(entry) -> its parameter's checkpoint key (without "model.")
         for e in self._owned():
             if e.param.dtype != torch.float32:
                 e.state["master"] = e.param.detach().float().clone()
@@ -164,24 +167,32 @@ class DistributedMuon:
     def prepare_grads(self) -> bool:
         return False
 
+    def _trained(self, entries) -> list:
+        """The entries trained this step: a frozen parameter (`requires_grad` off, everything but the indexers in
+        the indexer warm-up) still has a (zero) `main_grad` in DDP's buffer, but no update, decay or state change."""
+        return [e for e in entries if e.param.requires_grad]
+
     def get_grad_norm(self) -> float:
-        return global_grad_norm([e.param for e in self.entries], self.groups).item()
+        """The global gradient norm of the parameters trained this step."""
+        device = self.entries[0].param.device
+        return global_grad_norm([e.param for e in self._trained(self.entries)], self.groups, device).item()
 
     def clip_grads(self, max_norm: float, total_norm: float) -> None:
-        """Scale every gradient by max_norm / total_norm when that is below 1 (megatron's rule)."""
+        """Scale every trained gradient by max_norm / total_norm when that is below 1 (megatron's rule)."""
         coeff = max_norm / (total_norm + 1.0e-6)
         if coeff < 1.0:
-            for e in self.entries:
+            for e in self._trained(self.entries):
                 g = param_grad(e.param)
                 if g is not None:
                     g.mul_(coeff)
 
     @torch.no_grad()
     def step_with_ready_grads(self) -> bool:
-        """Owners update their tensors (Muon or AdamW), then broadcast them to the other replicas."""
+        """Owners update their trained tensors (Muon or AdamW), then broadcast them to the other replicas. A frozen
+        tensor keeps its value and its state (momentum, moments, AdamW step count) untouched."""
         self.step_count += 1
         hyper = {g["name"]: g for g in self.param_groups}
-        for e in self._owned():
+        for e in self._trained(self._owned()):
             g = param_grad(e.param)
             if g is None:
                 continue
@@ -209,18 +220,23 @@ class DistributedMuon:
         owner holds state; it writes it as the main copy over the replicas (replica id 0 along data parallelism),
         so a checkpoint saved over dp replicas loads under another dp size, where other ranks own the tensors.
         `is_loading`: allocates the state of the tensors this rank owns, restricted to the keys `available` in
-        the checkpoint (state that was never created, e.g. of a parameter frozen so far, stays absent)."""
+        the checkpoint (state that was never created, e.g. of a parameter frozen so far, stays absent).
+
+        AdamW step counts: the optimizer's `step_count`, except for tensors that were frozen for some steps (the
+        indexer warm-up); those are listed in `optimizer.muon.adamw_steps` {parameter key: step}, gathered from
+        every rank (a collective: every rank calls this)."""
         by_param = {id(sh.data): sh for sh in model_state.values()}
-        self._loading = {}
+        self._loading, self._keys = {}, {}
         out = {"optimizer.muon.step_count": self.step_count}
+        steps = {}
         for e in self._owned():
             sh = by_param[id(e.param)]
+            self._keys[id(e)] = sh.key.removeprefix("model.")
             replica = sh.replica_id
             if self.sharded:  # the owner holds the only copy among the replicas: main along data parallelism
                 replica = (*replica[:-1], 0) if isinstance(replica, tuple) else 0
-            if not is_loading and e.kind == "adamw" and e.state.get("step", self.step_count) != self.step_count:
-                raise RuntimeError(f"{e.name}: AdamW step {e.state['step']} differs from the optimizer's "
-                                   f"{self.step_count}; the checkpoint stores one step count")
+            if e.kind == "adamw" and e.state.get("step", self.step_count) != self.step_count:
+                steps[self._keys[id(e)]] = e.state["step"]
             for name in self.STATE_KEYS:
                 key = f"optimizer.muon.{name}.{sh.key.removeprefix('model.')}"
                 if is_loading:
@@ -233,19 +249,25 @@ class DistributedMuon:
                 else:
                     continue
                 out[key] = replace(sh, key=key, data=data, replica_id=replica)
+        if not is_loading:
+            every = [None] * dist.get_world_size()
+            dist.all_gather_object(every, steps)
+            out["optimizer.muon.adamw_steps"] = {k: v for rank_steps in every for k, v in rank_steps.items()}
         return out
 
     def load_state_dict(self, state: dict) -> None:
         """Take the tensors `dist_checkpointing.load` filled, from `sharded_state_dict(..., is_loading=True)`.
-        AdamW's step count is the optimizer's: every owned tensor is updated at every (not skipped) step."""
+        AdamW's step count is the optimizer's, except for the tensors `optimizer.muon.adamw_steps` lists (frozen
+        for some steps)."""
         self.step_count = int(state["optimizer.muon.step_count"])
+        steps = state.get("optimizer.muon.adamw_steps") or {}
         for key, sh in state.items():
-            if key != "optimizer.muon.step_count":
+            if key not in ("optimizer.muon.step_count", "optimizer.muon.adamw_steps"):
                 e, name = self._loading[key]
                 e.state[name] = sh
         for e in self._owned():
             if e.kind == "adamw" and "exp_avg" in e.state:
-                e.state["step"] = self.step_count
+                e.state["step"] = int(steps.get(self._keys[id(e)], self.step_count))
         self._loading = {}
 
     # --- the updates ---------------------------------------------------------------------------------------------------
@@ -288,7 +310,7 @@ class DistributedMuon:
                 continue
             members = [e for e in self.entries if e.replicas is replicas]
             for owner in range(dist.get_world_size(replicas)):
-                tensors = [e.param.data for e in members if e.owner == owner]
+                tensors = [e.param.data for e in self._trained(members) if e.owner == owner]
                 for dtype in sorted({t.dtype for t in tensors}, key=str):
                     same = [t for t in tensors if t.dtype == dtype]
                     flat = _flatten_dense_tensors(same)

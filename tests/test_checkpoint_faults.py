@@ -353,3 +353,59 @@ def test_stop_signal_saves_the_step_and_the_relaunch_continues(cache_dir, tmp_pa
     else:
         assert not calls.exists()
     _relaunch_and_check(cache_dir, tmp_path, run_dir, reference, stopped[0], signame)
+
+
+# A dsv4-train run whose checkpoint writers (the processes megatron forks to write a rank's files) record their pid
+# and then hang, as a writer stuck on a lock or a slow file system does. The patch is megatron's, in this script only.
+_HANGING_WRITERS = """
+import os, sys, time
+from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+PIDS = sys.argv.pop(1)  # the folder the writers note their pids in
+
+def hang(*args, **kwargs):
+    open(os.path.join(PIDS, str(os.getpid())), "w").close()
+    time.sleep(3600)
+
+FileSystemWriterAsync.write_preloaded_data = staticmethod(hang)
+sys.argv[0] = "dsv4-train"
+from dsv4.train.main import main
+main()
+"""
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync-save", "async-save"])
+def test_writers_die_with_a_rank_killed_during_a_save(cache_dir, tmp_path, async_save):
+    """SIGKILL a rank while megatron's forked checkpoint writers are busy (here: hanging): every process the save
+    forked (the writers, and with run.async_save the background process that forks them) dies with the rank within
+    a few seconds instead of lingering as an orphan (PR_SET_PDEATHSIG, set in each forked child)."""
+    pids_dir = tmp_path / "writers"
+    pids_dir.mkdir()
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_ENV}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-c", _HANGING_WRITERS, str(pids_dir), f"data.cache_dir={cache_dir}",
+           f"run.output_dir={run_dir}", *OVERRIDES, f"run.async_save={str(async_save).lower()}"]
+    rank = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=str(tmp_path),
+                            start_new_session=True)
+    seen: dict = {}
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while len(os.listdir(pids_dir)) < 1:
+            assert rank.poll() is None, f"the run exited with {rank.returncode}:\n{rank.stdout.read().decode()}"
+            assert time.monotonic() < deadline, "no checkpoint writer started"
+            time.sleep(0.05)
+        time.sleep(0.5)  # let every writer of the save start
+        rank_proc = psutil.Process(rank.pid)
+        seen = {p.pid: p for p in rank_proc.children(recursive=True)}
+        writers = {int(n) for n in os.listdir(pids_dir)}
+        assert writers <= set(seen), (writers, seen)
+        rank.kill()
+        rank.wait(10)
+        _, alive = psutil.wait_procs(list(seen.values()), timeout=5)
+        assert not alive, f"processes forked by the killed rank still run: {[p.pid for p in alive]} (writers {writers})"
+    finally:
+        if rank.poll() is None:
+            rank.kill()
+        for p in seen.values():
+            _kill(p)

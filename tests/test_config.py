@@ -237,7 +237,8 @@ def test_tensor_parallel_override_uses_the_world_size_from_the_environment(monke
     cfg = compose_config(overrides=["parallel.tp=2", "data.global_batch_size=8"])
     assert cfg.parallel.tp == 2
     with pytest.raises(ConfigError, match=r"data.global_batch_size: 4 is not a multiple .* = 8"):
-        compose_config(overrides=["parallel.tp=2"])
+        compose_config(overrides=["parallel.tp=2", "data.global_batch_size=4"])
+    assert compose_config(overrides=["parallel.tp=2"]).data.global_batch_size == 8  # unset: 4 x dp 2
 
 
 @pytest.mark.parametrize("override, key", [
@@ -305,7 +306,7 @@ def test_unknown_key_points_at_the_schema_listing_the_keys(override, group):
     ("parallel.pp_layers=[3,x]", "parallel.pp_layers[1]", "int"),
     ("parallel.pp_layers=3", "parallel.pp_layers", "List[int]"),
     ("optim.lr=fast", "optim.lr", "float"),
-    ("optim.warmup_steps=1.5", "optim.warmup_steps", "int"),
+    ("optim.warmup_steps=1.5", "optim.warmup_steps", "Optional[int]"),
     ("data.micro_batch_size=many", "data.micro_batch_size", "int"),
     ("data.weights=[1,x]", "data.weights[1]", "float"),
     ("data.prefixes=/d/web", "data.prefixes", "List[str]"),
@@ -386,8 +387,21 @@ def test_csa_and_hca_ratio_differ():
     assert_rejected(["model.hca_ratio=4"], "hca_ratio", "must differ from csa_ratio")
 
 
-def test_index_head_dim_power_of_two():
-    assert_rejected(["model.index_head_dim=24"], "index_head_dim", "power of two")
+def test_index_head_dim_power_of_two_only_where_the_hadamard_rotation_runs(groups):
+    """The rotation belongs to the FP4 simulation (model.quant_sim): a power of two is required with it on (the
+    message names the key and both fixes); with it off any width builds and runs."""
+    import torch
+
+    from dsv4.model.transformer import DSV4Model
+
+    assert_rejected(["model.quant_sim=true", "model.index_head_dim=24"], "index_head_dim",
+                    "power of two for the Hadamard rotation.*set model.quant_sim=false")
+    cfg = compose_config("debug", ["model.quant_sim=false", "model.index_head_dim=24"]).model
+    model = DSV4Model(cfg, groups.tp, seed=0)
+    assert model.layers[2].attn.indexer.wq_b.linear.weight.shape[0] == cfg.index_n_heads * 24
+    ids = torch.randint(0, cfg.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    out = model(ids, labels=torch.roll(ids, -1, 1))
+    assert torch.isfinite(out.loss) and out.indexer_loss is not None
 
 
 def test_index_head_dim_covers_rope_head_dim():
@@ -663,7 +677,7 @@ def test_data_micro_batch_size_positive(base, value):
     assert_invalid(changed(base, data__micro_batch_size=value), "data.micro_batch_size", "must be > 0")
 
 
-@pytest.mark.parametrize("value", [0, -4])
+@pytest.mark.parametrize("value", [-1, -4])  # 0: derived (test_default_global_batch_is_one_micro_batch_per_...)
 def test_data_global_batch_size_positive(base, value):
     assert_invalid(changed(base, data__global_batch_size=value), "data.global_batch_size", "must be > 0")
 
@@ -973,10 +987,18 @@ def test_interleaved_pipeline_needs_micro_batches_a_multiple_of_pp(base, global_
 
 def test_interleaved_pipeline_needs_eval_iters_a_multiple_of_pp(base):
     cfg = changed(base, parallel__pp=3, parallel__vpp=2, data__global_batch_size=12, run__eval_iters=4)
-    assert_invalid(cfg, "run.eval_iters", r"4 validation micro-batches cannot run through the interleaved schedule "
-                   r"of parallel.pp=3; use a multiple of 3", world_size=3)
+    assert_invalid(cfg, "run.eval_iters", r"4 validation micro-batches give 4 per data-parallel rank \(1 ranks\), "
+                   r"which cannot run through the interleaved schedule of parallel.pp=3; use a multiple of 3",
+                   world_size=3)
     changed(cfg, run__eval_iters=3).validate(world_size=3)
     changed(cfg, parallel__vpp=1).validate(world_size=3)
+    # run.eval_iters is the job's count: on 2 data-parallel ranks each runs ceil(eval_iters / 2) of them.
+    dp2 = changed(cfg, data__global_batch_size=24, run__eval_iters=3)
+    assert_invalid(dp2, "run.eval_iters", r"3 validation micro-batches give 2 per data-parallel rank \(2 ranks\), "
+                   r"which cannot run through the interleaved schedule of parallel.pp=3; use a multiple of 6",
+                   world_size=6)
+    changed(dp2, run__eval_iters=6).validate(world_size=6)
+    changed(dp2, run__eval_iters=5).validate(world_size=6)  # 3 and 2 + a padding micro-batch
 
 
 @pytest.mark.parametrize("tp, pp, vpp, ep, etp, world, global_batch, layers", [
@@ -1005,3 +1027,102 @@ def test_layout_presets_compose_at_their_world_size(preset, world, values):
     assert cfg.parallel == ParallelConfig(**values)
     with pytest.raises(ConfigError):
         compose_config(overrides=[f"parallel={preset}", "data.global_batch_size=16"], world_size=1)
+
+
+# --- values that cannot be right (every numeric field of every schema) ----------------------------------------------
+
+@pytest.mark.parametrize("key", ["rms_norm_eps", "hc_eps", "rope_theta", "compress_rope_theta", "init_std",
+                                 "routed_scaling_factor"])
+@pytest.mark.parametrize("value", [0, -1, "nan"])
+def test_model_scales_and_floors_must_be_positive(key, value):
+    assert_rejected([f"model.{key}={value}"], key, "must be > 0")
+
+
+@pytest.mark.parametrize("key", ["max_position_embeddings", "yarn_original_max_position"])
+@pytest.mark.parametrize("value", [0, -1])
+def test_model_position_lengths_must_be_positive(key, value):
+    assert_rejected([f"model.{key}={value}"], key, "must be > 0")
+
+
+@pytest.mark.parametrize("key", ["bias_update_rate", "seq_aux_loss_coef", "indexer_loss_coef", "hash_seed"])
+def test_model_rates_coefficients_and_seeds_non_negative(key):
+    assert_rejected([f"model.{key}=-1"], key, "must be >= 0")
+    compose_config("debug", [f"model.{key}=0"])  # zero: off (rates, coefficients) or a valid seed
+
+
+@pytest.mark.parametrize("fast, slow, key", [(32, 0, "yarn_beta_slow"), (32, -1, "yarn_beta_slow"),
+                                             (1, 1, "yarn_beta_fast"), (1, 32, "yarn_beta_fast")])
+def test_yarn_betas_positive_and_ordered(fast, slow, key):
+    assert_rejected([f"model.yarn_beta_fast={fast}", f"model.yarn_beta_slow={slow}"], key)
+
+
+def test_run_seed_non_negative(base):
+    assert_invalid(changed(base, run__seed=-1), "run.seed", "must be >= 0")
+    changed(base, run__seed=0).validate(world_size=1)
+
+
+@pytest.mark.parametrize("key", ["run.output_dir", "data.cache_dir"])
+def test_folders_under_a_file_are_refused_naming_the_key(tmp_path, key):
+    (tmp_path / "a_file").write_text("")
+    for path in (tmp_path / "a_file", tmp_path / "a_file" / "run" / "x"):
+        with pytest.raises(ConfigError, match="not a folder|is a file") as e:
+            compose_config(overrides=[f"{key}={path}"])
+        assert str(e.value).startswith(f"{key}:") and str(tmp_path / "a_file") in str(e.value), str(e.value)
+    compose_config(overrides=[f"{key}={tmp_path / 'new' / 'deeper'}"])  # creatable: nothing is made by checking
+    assert not (tmp_path / "new").exists()
+
+
+# --- defaults that work on 1, 2, 4 and 8 ranks and for short runs ---------------------------------------------------
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_default_global_batch_is_one_micro_batch_per_data_parallel_rank(world):
+    cfg = compose_config(world_size=world)
+    assert cfg.data.global_batch_size == cfg.data.micro_batch_size * world == 4 * world  # 1 rank: 4, as before
+
+
+def test_an_explicit_global_batch_is_kept_and_checked():
+    assert compose_config(overrides=["data.global_batch_size=16"], world_size=2).data.global_batch_size == 16
+    with pytest.raises(ConfigError, match="data.global_batch_size: 4 is not a multiple"):
+        compose_config(overrides=["data.global_batch_size=4"], world_size=2)
+
+
+def test_the_readme_layouts_compose_with_the_default_batch():
+    compose_config(overrides=["parallel.tp=2", "parallel.pp=2", "parallel.ep=2"], world_size=8)
+    compose_config(overrides=["parallel=tp2"], world_size=2)
+
+
+@pytest.mark.parametrize("steps, warmup", [(1, 0), (3, 0), (20, 2), (150, 15), (199, 19), (200, 20), (300, 20),
+                                           (100000, 20)])
+def test_unset_warmup_is_clipped_to_a_tenth_of_a_short_run(steps, warmup, caplog):
+    with caplog.at_level("INFO", logger="dsv4.conf.schema"):
+        cfg = compose_config(overrides=[f"run.steps={steps}"])
+    assert cfg.optim.warmup_steps == warmup
+    notice = [r.getMessage() for r in caplog.records if r.getMessage().startswith("optim.warmup_steps: unset")]
+    assert bool(notice) == (warmup < 20), notice
+
+
+def test_an_explicit_warmup_is_used_as_given_and_still_checked():
+    assert compose_config(overrides=["run.steps=20", "optim.warmup_steps=5"]).optim.warmup_steps == 5
+    with pytest.raises(ConfigError, match="optim.warmup_steps: 20 warm-up steps leave no decay in run.steps=20"):
+        compose_config(overrides=["run.steps=20", "optim.warmup_steps=20"])
+
+
+# --- dsv4.model_config: a preset validated on its own ---------------------------------------------------------------
+
+def test_model_config_validates_the_preset_alone():
+    import dsv4
+
+    assert dsv4.model_config("flash", ["sliding_window=256"]).sliding_window == 256  # the README's example
+    assert dsv4.model_config("pro").num_layers == 61
+    with pytest.raises(ConfigError, match="model.index_topk"):  # at a sequence length, when one is given
+        dsv4.model_config("flash", seq_length=256)
+    assert dsv4.model_config("flash", seq_length=4096).index_topk == 512
+    with pytest.raises(ConfigError, match="model.index_topk"):  # other groups' values take part when given
+        dsv4.model_config("flash", ["data.seq_length=256"])
+    with pytest.raises(ConfigError, match="model.rms_norm_eps"):
+        dsv4.model_config("debug", ["rms_norm_eps=0"])
+
+
+def test_spelt_out_key_suggests_the_abbreviation():
+    with pytest.raises(ConfigError, match=r"optim.learning_rate: no such key; did you mean 'lr'\?"):
+        compose_config(overrides=["optim.learning_rate=1e-3"])

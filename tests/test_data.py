@@ -7,6 +7,9 @@ sample came from can be read off its decoded text.
 import json
 import os
 import random
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,7 +20,7 @@ from dsv4.model.config import ConfigError
 from dsv4.train import data as data_mod
 from dsv4.train.data import build_data, embedded_corpus, load_tokenizer
 from dsv4.train.preprocess import main as preprocess_main
-from dsv4.train.preprocess import preprocess
+from dsv4.train.preprocess import preprocess, write_indexed_dataset
 
 
 def _docs(letters: str, n: int, seed: int):
@@ -94,7 +97,11 @@ def test_preprocess_round_trip(tmp_path):
         ids = tok.encode(text)
         assert ds[i].tolist() == ids + [tok.eod]
         assert tok.decode(ids) == text
-    assert sorted(os.listdir(out.parent)) == ["ds.bin", "ds.idx", "ds.tokenizer.json"]  # no temporary files left
+    assert sorted(os.listdir(out.parent)) == ["ds.bin", "ds.idx", "ds.stats.json", "ds.tokenizer.json"]  # no temps
+    stats = json.loads((out.parent / "ds.stats.json").read_text())  # what training checks against the vocabulary
+    assert stats == {"max_token_id": max(max(ds[i].tolist()) for i in range(len(ds))), "documents": len(texts),
+                     "tokens": sum(len(ds[i]) for i in range(len(ds))),
+                     "bin_bytes": os.path.getsize(f"{out}.bin")}
 
 
 def test_preprocess_jsonl_key_and_workers(tmp_path, corpus):
@@ -238,12 +245,23 @@ def test_data_parallel_ranks_read_disjoint_slices(corpus, cache_dir):
         assert not rows0 & rows1
         assert torch.equal(torch.cat([b0["input_ids"], b1["input_ids"]]), next(whole)["input_ids"])
     assert ranks[0].train.state_dict() == ranks[1].train.state_dict() == {"consumed_samples": 20}
-    # Validation: each rank its own slice of the same eval_iters micro-steps, identical on every call.
+    # Validation: run.eval_iters micro-batches for the job, split over the ranks (rank r: micro-batches r, r + 2,
+    # ...), identical on every call; together exactly what one rank with the same micro-batch size evaluates.
+    assert cfg.run.eval_iters == 4
     v0 = list(ranks[0].valid())
-    assert len(v0) == cfg.run.eval_iters
+    assert len(v0) == 2
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(v0, ranks[0].valid(cfg.run.eval_iters)))
-    assert len(list(ranks[0].valid(2))) == 2
+    assert len(list(ranks[0].valid(2))) == 1
     assert not torch.equal(v0[0]["input_ids"], next(ranks[1].valid())["input_ids"])
+    one = list(build_data(cfg, dp_size=1).valid())
+    assert len(one) == 4 and all(b["loss_mask"].all() for b in one)
+    split = [b for pair in zip(v0, ranks[1].valid()) for b in pair]
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(split, one, strict=True))
+    # 3 micro-batches over 2 ranks: rank 1 runs a copy of micro-batch 0 with a zero loss mask (counted nowhere).
+    r0, r1 = list(ranks[0].valid(3)), list(ranks[1].valid(3))
+    assert len(r0) == len(r1) == 2
+    assert [torch.equal(b["input_ids"], one[k]["input_ids"]) for b, k in zip(r0 + r1[:1], (0, 2, 1))] == [True] * 3
+    assert torch.equal(r1[1]["input_ids"], one[0]["input_ids"]) and not r1[1]["loss_mask"].any()
 
 
 @pytest.mark.parametrize("split, has_valid", [("100,0,0", False), ("80,10,10", True)])
@@ -324,3 +342,73 @@ def test_two_ranks_build_concurrently(tmp_path, corpus):
     from dist_utils import run_workers
 
     run_workers(_two_ranks, 2, str(tmp_path / "cache"), [corpus["a"], corpus["b"]], timeout=120)
+
+
+# --- damaged or unfitting dataset files: refused at build time, naming the file and the fix -------------------------
+
+def _copy_dataset(src: str, dst) -> str:
+    dst.mkdir(parents=True, exist_ok=True)
+    for suffix in (".bin", ".idx", ".tokenizer.json", ".stats.json"):
+        shutil.copy(src + suffix, str(dst / "a") + suffix)
+    return str(dst / "a")
+
+
+def _truncate(path: str, drop: int) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - drop)
+
+
+def _bad_magic(path: str) -> None:
+    with open(path, "r+b") as f:
+        f.write(b"NOTANIDX!")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: _truncate(p + ".bin", 6), r"a\.bin is \d+ bytes, its index .*a\.idx implies \d+ tokens .* truncated or "
+                                         r"corrupted; make it again \(dsv4-preprocess --output-prefix .*--overwrite"),
+    (lambda p: _truncate(p + ".idx", 8), r"a\.idx is \d+ bytes, its header \(\d+ sequences, \d+ documents\) implies "
+                                         r"\d+: truncated or corrupted; make it again"),
+    (lambda p: _truncate(p + ".idx", os.path.getsize(p + ".idx") - 20), r"a\.idx is not a megatron-core indexed "
+                                                                        r"dataset index \(bad header: truncated\)"),
+    (lambda p: _bad_magic(p + ".idx"), r"a\.idx is not a megatron-core indexed dataset index \(bad header: wrong "
+                                       r"magic"),
+], ids=["truncated-bin", "truncated-idx", "truncated-header", "bad-magic"])
+def test_damaged_dataset_files_are_refused_at_build_time(corpus, cache_dir, tmp_path, damage, message):
+    prefix = _copy_dataset(corpus["a"], tmp_path)
+    damage(prefix)
+    with pytest.raises(ConfigError, match=r"data.prefixes\[1\]: .*" + message):
+        build_data(_cfg(cache_dir, [corpus["b"], prefix], weights=[0.5, 0.5]))
+
+
+@pytest.mark.parametrize("record", [True, False], ids=["recorded-max", "scanned"])
+def test_token_ids_beyond_the_vocabulary_are_refused(corpus, tmp_path, record):
+    """Ids that the model cannot embed: from dsv4-preprocess's record, or (a dataset without it) from a scan that is
+    cached, so a second start does not read the .bin again."""
+    vocab = compose_config("debug").model.vocab_size
+    prefix = str(tmp_path / "wide")
+    write_indexed_dataset(prefix, [np.array([5, 7, 1, 0]), np.array([3, vocab + 4, 2])], vocab_size=65536)
+    shutil.copy(corpus["a"] + ".tokenizer.json", prefix + ".tokenizer.json")
+    if not record:
+        os.remove(prefix + ".stats.json")
+    cache = tmp_path / "cache"
+    for _ in range(2):
+        with pytest.raises(ConfigError, match=rf"model.vocab_size: .*wide.bin \(data.prefixes\[0\]\) holds token id "
+                                              rf"{vocab + 4}, which the model's {vocab}-token vocabulary cannot embed"):
+            build_data(_cfg(str(cache), [prefix]))
+    scans = list((cache / "token_stats").glob("*.json")) if (cache / "token_stats").exists() else []
+    assert len(scans) == (0 if record else 1)
+
+
+def test_dsv4_train_refuses_a_truncated_dataset_in_one_line(corpus, cache_dir, tmp_path):
+    prefix = _copy_dataset(corpus["a"], tmp_path / "data")
+    _truncate(prefix + ".bin", 6)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    done = subprocess.run([os.path.join(os.path.dirname(sys.executable), "dsv4-train"), f"data.prefixes=[{prefix}]",
+                           f"data.cache_dir={cache_dir}", f"run.output_dir={tmp_path / 'run'}", "run.steps=2",
+                           "optim.warmup_steps=1", "data.seq_length=32", "data.micro_batch_size=2",
+                           "data.global_batch_size=4", "run.eval_interval=0"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("dsv4-train:")]
+    assert len(lines) == 1 and "a.bin is" in lines[0] and "truncated or corrupted" in lines[0], done.stderr[-3000:]

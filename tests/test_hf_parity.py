@@ -140,6 +140,91 @@ def test_import_reads_a_transformers_saved_directory(groups, tmp_path):
         assert (dsv4.logits(back, ids) - hf(ids).logits).abs().max().item() <= 1e-4
 
 
+def _transformers_default_dir(path, groups):
+    """A tiny randomised DeepseekV4ForCausalLM whose config is transformers' own with its default
+    `num_nextn_predict_layers` (1), written by save_pretrained: no `dsv4` block, no `mtp.*` tensors."""
+    model = dsv4.build_model("debug", groups=groups)
+    randomize_(model, seed=6)
+    dsv4.export_hf(model, str(path / "ours"))
+    with open(path / "ours" / "config.json") as f:
+        fields = json.load(f)
+    for key in ("dsv4", "num_nextn_predict_layers", "architectures", "model_type", "torch_dtype"):
+        fields.pop(key, None)
+    hf = transformers.DeepseekV4ForCausalLM(transformers.DeepseekV4Config(**fields)).eval()
+    assert hf.config.num_nextn_predict_layers == 1
+    hf.load_state_dict(transformers.DeepseekV4ForCausalLM.from_pretrained(str(path / "ours"),
+                                                                         dtype=torch.float32).state_dict())
+    hf.save_pretrained(str(path / "theirs"))
+    assert not any(k.startswith(("mtp.", "model.mtp.")) for k in dsv4.model.hf_interop.read_hf_weights(
+        str(path / "theirs")))
+    return str(path / "theirs"), hf, model.cfg
+
+
+def test_import_of_a_transformers_directory_initialises_the_missing_mtp_block(groups, tmp_path, capsys):
+    """config.json alone is enough: the MTP block the config counts is built, initialised from the seed (as a
+    fresh model's) and named in a notice; the main model gives transformers' logits (within 1e-4)."""
+    path, hf, cfg = _transformers_default_dir(tmp_path, groups)
+    back = dsv4.load_hf(path, groups=groups)
+    err = capsys.readouterr().err
+    assert "no weights for MTP block(s) mtp.0" in err and "initialised (seed 0)" in err and "mtp='drop'" in err
+    assert back.cfg.mtp_depth == 1 and back.cfg.compress_ratios == cfg.compress_ratios
+    fresh = dsv4.build_model(back.cfg, groups=groups, seed=0).state_dict()
+    for k, v in back.state_dict().items():
+        if k.startswith("mtp.") and not k.endswith("_extra_state"):
+            assert torch.equal(v, fresh[k]), k
+    ids = torch.randint(0, cfg.vocab_size, (1, 128), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (dsv4.logits(back, ids) - hf(ids).logits).abs().max().item() <= 1e-4
+        out = back(ids, labels=torch.roll(ids, -1, 1))
+    assert len(out.mtp_losses) == 1 and torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("how", [{"mtp": "drop"}, {"mtp_depth": 0}])
+def test_import_of_a_transformers_directory_without_mtp(groups, tmp_path, how):
+    """mtp='drop' (or mtp_depth=0) imports without MTP: the MTP entry of the schedule is dropped too."""
+    path, hf, cfg = _transformers_default_dir(tmp_path, groups)
+    back = dsv4.load_hf(path, groups=groups, **how)
+    assert back.cfg.mtp_depth == 0 and len(back.mtp) == 0
+    assert back.cfg.compress_ratios == cfg.compress_ratios[: cfg.num_layers]
+    ids = torch.randint(0, cfg.vocab_size, (1, 128), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (dsv4.logits(back, ids) - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_import_drop_ignores_mtp_tensors_and_rejects_a_contradiction(groups, tmp_path, capsys):
+    """mtp='drop' on a directory with MTP weights leaves them out (and says so); mtp='drop' with a non-zero
+    mtp_depth, or an unknown choice, is refused."""
+    model = dsv4.build_model("debug", groups=groups)
+    randomize_(model, seed=7)
+    dsv4.export_hf(model, str(tmp_path))
+    back = dsv4.load_hf(str(tmp_path), groups=groups, mtp="drop")
+    assert "ignoring the weights of MTP block(s) mtp.0" in capsys.readouterr().err
+    assert back.cfg.mtp_depth == 0 and back.cfg.compress_ratios == model.cfg.compress_ratios[:model.cfg.num_layers]
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 96))
+    assert torch.equal(dsv4.logits(back, ids), dsv4.logits(model, ids))
+    with pytest.raises(ValueError, match="mtp='drop', mtp_depth=1"):
+        dsv4.load_hf(str(tmp_path), groups=groups, mtp="drop", mtp_depth=1)
+    with pytest.raises(ValueError, match="expected one of"):
+        dsv4.load_hf(str(tmp_path), groups=groups, mtp="zero")
+
+
+def test_exported_mtp_tensors_have_the_released_names(groups):
+    """An MTP block's tensors carry the released checkpoints' names (`mtp.0.*`), its own final norm included."""
+    from dsv4.model.hf_interop import full_state_dict, to_deepseek_state_dict
+
+    model = dsv4.build_model("debug", groups=groups)
+    names = {k for k in to_deepseek_state_dict(full_state_dict(model)) if k.startswith("mtp.0.")}
+    released = {f"mtp.0.{k}" for k in (
+        "enorm.weight", "hnorm.weight", "norm.weight", "e_proj.weight", "h_proj.weight",
+        "hc_head_fn", "hc_head_base", "hc_head_scale", "hc_attn_fn", "hc_attn_base", "hc_attn_scale",
+        "hc_ffn_fn", "hc_ffn_base", "hc_ffn_scale", "attn_norm.weight", "ffn_norm.weight",
+        "attn.attn_sink", "attn.kv_norm.weight", "attn.q_norm.weight", "attn.wq_a.weight", "attn.wq_b.weight",
+        "attn.wkv.weight", "attn.wo_a.weight", "attn.wo_b.weight", "ffn.gate.weight", "ffn.gate.bias",
+        "ffn.shared_experts.w1.weight", "ffn.shared_experts.w2.weight", "ffn.shared_experts.w3.weight")}
+    experts = {f"mtp.0.ffn.experts.{e}.w{j}.weight" for e in range(model.cfg.n_routed_experts) for j in (1, 2, 3)}
+    assert names == released | experts
+
+
 def test_import_rejects_mismatched_weights(groups, tmp_path):
     """A config.json that does not match the weights fails with a message naming the tensors."""
     model = dsv4.build_model("debug", groups=groups)

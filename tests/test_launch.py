@@ -221,3 +221,88 @@ def test_a_rank_that_stops_responding_ends_the_run_not_hangs(tmp_path, cache_dir
     again = (tmp_path / "again0.log").read_text()
     assert rcs == [0, 0], again[-3000:]
     assert "resum" in again.lower(), again[-3000:]
+
+
+# --- the command line as a user meets it: dsv4-train and torchrun subprocesses --------------------------------------
+
+BIN = os.path.dirname(sys.executable)
+
+
+def _command(*args, cwd, timeout=300, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=_clean_env(**env))
+
+
+def test_help_lists_the_groups_presets_and_keys(tmp_path):
+    proc = _command(os.path.join(BIN, "dsv4-train"), "--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "_schema" not in out and "model      [debug] flash pro" in out and "optim      [adamw] muon" in out
+    assert "  run.steps" in out and "Optimizer steps." in out and "Peak learning rate." in out
+    assert all(len(line) <= 120 for line in out.splitlines()), "one line per key"
+    assert not list(tmp_path.iterdir()), "--help made a folder"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model=flsh", "dsv4-train: model=flsh: no such preset; choose one of ['debug', 'flash', 'pro']"),
+    ("optim.learning_rate=1e-3", "dsv4-train: optim.learning_rate: no such key; did you mean 'lr'?"),
+    ("optim.min_lr=1", "dsv4-train: optim.min_lr: must be in [0, optim.lr"),
+    ("run.seed=-1", "dsv4-train: run.seed: must be >= 0, got -1"),
+])
+def test_refused_command_line_names_the_key_and_leaves_no_run_folder(tmp_path, override, message):
+    run_dir = tmp_path / "run"
+    proc = _command(os.path.join(BIN, "dsv4-train"), override, f"run.output_dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip().splitlines()[0]], proc.stderr  # one line
+    assert proc.stderr.startswith(message), proc.stderr
+    assert "model_schema" not in proc.stderr and "+optim" not in proc.stderr
+    assert not run_dir.exists() and not list(tmp_path.iterdir())
+
+
+def test_output_folder_under_a_file_is_refused_naming_the_key(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    proc = _command(os.path.join(BIN, "dsv4-train"), f"run.output_dir={tmp_path / 'a_file' / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("dsv4-train: run.output_dir: ") and "is a file" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_importing_dsv4_prints_no_transformer_engine_or_apex_warnings(tmp_path):
+    proc = _command(sys.executable, "-c", "import dsv4, dsv4.train.loop, dsv4.model.api, dsv4.train.main, "
+                    "dsv4.train.export, dsv4.conf.schema", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "", proc.stderr
+
+
+def test_torchrun_config_error_is_reported_once_as_the_root_cause(tmp_path):
+    """torchrun ends every failed launch with its ChildFailedError banner (nothing a rank does comes after it): the
+    dsv4 message appears once, as the banner's root cause, its last entry; no dsv4 traceback; no run folder."""
+    run_dir = tmp_path / "run"
+    proc = _command(os.path.join(BIN, "torchrun"), "--nproc-per-node=2", f"--master-port={_free_port()}", "-m",
+                    "dsv4.train", "optim.lr=-1", f"run.output_dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # torchrun's own code for a failed child
+    message = "dsv4-train: optim.lr: must be > 0, got -1.0"
+    assert proc.stderr.count("optim.lr: must be > 0") == 1, proc.stderr[-3000:]
+    lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-2] == f"traceback : {message}" and set(lines[-1]) == {"="}, proc.stderr[-3000:]
+    root = proc.stderr.rindex("Root Cause")
+    assert "exitcode  : 2" in proc.stderr[root:] and "rank      : 0" in proc.stderr[root:]
+    assert "dsv4/" not in proc.stderr and not run_dir.exists()
+
+
+def test_torchrun_two_ranks_train_with_the_defaults(tmp_path, cache_dir):
+    """The debug preset's defaults on 2 ranks (global batch derived: 4 x 2; a 3-step run's warm-up clipped), and
+    main.log holds dsv4's own lines, without megatron's gradient-bucket listings."""
+    run_dir = tmp_path / "run"
+    proc = _command(os.path.join(BIN, "torchrun"), "--nproc-per-node=2", f"--master-port={_free_port()}", "-m",
+                    "dsv4.train", "run.steps=3", f"run.output_dir={run_dir}", f"data.cache_dir={cache_dir}",
+                    cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "step      3/3 loss" in proc.stdout
+    assert proc.stdout.count("data.global_batch_size: unset, so micro_batch_size x data-parallel ranks = 4 x 2 = 8") \
+        == 1  # from rank 0 only
+    assert proc.stdout.count("optim.warmup_steps: unset, so 0 warm-up steps") == 1
+    log = (run_dir / "main.log").read_text()
+    for line in ("parameters on rank 0", "3 steps of 8 x 256 tokens", "step 3/3 loss", "step 3: checkpoint"):
+        assert line in log, line
+    assert "Params for bucket" not in log and "Number of buckets" not in log

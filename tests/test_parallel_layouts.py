@@ -5,6 +5,8 @@ pipeline-parallel shards) and the losses and gradient norms of 10 optimizer step
 running the same global batch (12 sequences of 128 tokens, 3 micro-batches per replica):
   - first-step gradients: atol 2e-5, rtol 1e-4 (float32 sums in another order);
   - per-step LM loss, total loss and gradient norm over 10 steps: rtol 2e-4;
+  - the validation loss of the initial weights over the same 12 validation sequences (run.eval_iters counts the
+    job's micro-batches, split over the data-parallel ranks): abs 1e-6;
   - every parameter after the 10 steps: atol 2e-4, rtol 1e-3 (weights of scale ~0.1 that moved ~1e-2; Adam divides
     each element's gradient by its own RMS, so an element whose gradient is ~0 moves by noise, up to ~lr = 1e-3).
 The same holds for V4's Muon + AdamW (`optim=muon`, Newton-Schulz in fp32 for the comparison). The first-step
@@ -27,6 +29,7 @@ STEPS = 10
 # over 10 steps while a near-tie-free seed agrees to 1e-7). That is not a layout bug, so the runs use a seed whose 10
 # steps hold no such near-tie under any layout here; a real layout bug shows at every seed. No checkpoints: saving is
 # tested in test_checkpoint.py.
+VALID_SEQUENCES = 12  # validation sequences of the initial weights, evaluated by every layout
 COMMON = [f"run.steps={STEPS}", "optim.warmup_steps=2", "data.seq_length=128", "data.global_batch_size=12",
           "run.eval_interval=0", "run.log_interval=5", "run.progress_bar=false", "optim.lr=1e-3", "run.seed=1",
           "run.save_interval=0"]
@@ -111,14 +114,18 @@ def _run_layout(rank, world_size, cache_dir, out_dir, overrides):
     from dsv4.train.data import build_data
     from dsv4.train.schedules import mtp_loss_weight
 
-    cfg = compose_config("debug", [f"data.cache_dir={cache_dir}", f"run.output_dir={out_dir}/run", *COMMON,
-                                   *overrides], world_size=world_size)
+    args = [f"data.cache_dir={cache_dir}", f"run.output_dir={out_dir}/run", *COMMON, *overrides]
+    mbs = compose_config("debug", args, world_size=world_size).data.micro_batch_size
+    # run.eval_iters counts the job's validation micro-batches: VALID_SEQUENCES sequences under every layout.
+    cfg = compose_config("debug", [*args, f"run.eval_iters={VALID_SEQUENCES // mbs}"], world_size=world_size)
     p = cfg.parallel
     groups = init_distributed(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, vpp=p.vpp)
     chunks = loop.build_model(cfg, groups)
     for chunk in chunks:
         loop.unwrap(chunk).set_step(0)
-    train = iter(build_data(cfg, dp_rank=groups.dp_rank, dp_size=groups.dp_size).train)
+    data = build_data(cfg, dp_rank=groups.dp_rank, dp_size=groups.dp_size)
+    valid = loop.evaluate(chunks, data.valid(), cfg, groups)["valid/lm_loss"]  # the initial weights: the same
+    train = iter(data.train)
     n_micro = cfg.data.global_batch_size // (cfg.data.micro_batch_size * groups.dp_size)
     batches = [next(train) for _ in range(n_micro)]
     w_mtp = mtp_loss_weight(cfg.optim, cfg.model.mtp_loss_weight, 0, cfg.run.steps)
@@ -131,7 +138,7 @@ def _run_layout(rank, world_size, cache_dir, out_dir, overrides):
     history = result.history
     params = _whole_gradients(result.chunks, groups, of=lambda p: p)
     if rank == 0:
-        torch.save({"grads": grads, "params": params}, os.path.join(out_dir, "grads.pt"))
+        torch.save({"grads": grads, "params": params, "valid": valid}, os.path.join(out_dir, "grads.pt"))
         with open(os.path.join(out_dir, "history.json"), "w") as f:
             json.dump([{k: m[k] for k in ("lm_loss", "loss", "grad_norm")} for m in history], f)
 
@@ -141,7 +148,7 @@ def _results(cache_dir, out_dir, world_size, overrides):
     with open(out_dir / "history.json") as f:
         history = json.load(f)
     saved = torch.load(out_dir / "grads.pt")
-    return saved["grads"], saved["params"], history
+    return saved["grads"], saved["params"], history, saved["valid"]
 
 
 @pytest.fixture(scope="module")
@@ -160,8 +167,10 @@ PARAM_TOL = {"atol": 2e-4, "rtol": 1e-3}
 
 
 def _assert_same_run(layout, got, ref, param_tol):
-    grads, params, history = got
-    ref_grads, ref_params, ref_history = ref
+    grads, params, history, valid = got
+    ref_grads, ref_params, ref_history, ref_valid = ref
+    # The same validation sequences under every layout (weighted by their loss tokens): the same loss.
+    assert valid == pytest.approx(ref_valid, abs=1e-6, rel=0), f"{layout}: validation loss of the initial weights"
     assert set(grads) == set(ref_grads) and set(params) == set(ref_params)
     for name, want in ref_grads.items():
         torch.testing.assert_close(grads[name], want, atol=2e-5, rtol=1e-4, msg=f"{layout}: gradient of {name}")

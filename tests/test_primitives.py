@@ -687,6 +687,62 @@ def test_hyper_head_matches_spec(debug_cfg):
     torch.testing.assert_close(head(streams).double(), ref, rtol=1e-5, atol=1e-6)
 
 
+# --- multi-token prediction ---------------------------------------------------------------------------------------
+
+
+def test_mtp_block_matches_spec(debug_cfg, ctx):
+    """MTPBlock (reference `MTPBlock.forward`): X = e_proj(enorm(e)) + h_proj(hnorm(X_prev)), X = block(X), and the
+    head's input is the block's OWN final norm of its hc_head collapse: norm_k(hc_head_k(X))."""
+    from dsv4.model.block import MTPBlock
+
+    cfg, eps = debug_cfg, debug_cfg.rms_norm_eps
+    s, b, n, d = 16, 2, cfg.hc_mult, cfg.hidden_size
+    torch.manual_seed(0)
+    mtp = MTPBlock(cfg, ctx, 1).eval()
+    _randomize_hc(mtp.hc_head)
+    with torch.no_grad():
+        for norm in (mtp.enorm, mtp.hnorm, mtp.norm):
+            norm.weight.copy_(torch.rand(d) + 0.5)
+    rope = RotaryEmbedding(cfg)
+    streams, embedded = torch.randn(s, b, n, d), torch.randn(s, b, d)
+    ids = torch.randint(0, cfg.vocab_size, (s, b))
+    with torch.no_grad():
+        new_streams, hidden = mtp(streams, embedded, ids, rope)
+        # The block itself is tested on its own; here the MTP wiring around it, in float64 where it is ours.
+        e = ref_rms(embedded, eps, mtp.enorm.weight).float() @ mtp.e_proj.weight.t()  # [s, b, d]
+        h = ref_rms(streams, eps, mtp.hnorm.weight).float() @ mtp.h_proj.weight.t()  # [s, b, n, d]
+        want_streams = mtp.block(e.unsqueeze(-2) + h, ids, rope)
+        want_hidden = ref_rms(mtp.hc_head(want_streams), eps, mtp.norm.weight)
+    torch.testing.assert_close(new_streams, want_streams, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden.double(), want_hidden, rtol=1e-5, atol=1e-5)
+
+
+def test_mtp_losses_use_the_mtp_norm_not_the_main_norm(groups):
+    """The main model's final norm feeds only the main head; each MTP depth's logits go through its own norm
+    (`mtp.<i>.norm`, as in DeepSeek's checkpoints): changing one moves only its own loss, bit for bit."""
+    import dsv4
+
+    model = dsv4.build_model("debug", ["mtp_depth=2", "compress_ratios=[0,0,4,16,4,16,0,0]"], groups=groups)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    labels = torch.roll(ids, -1, 1)
+
+    def losses():
+        with torch.no_grad():
+            out = model(ids, labels=labels)
+        return out.lm_loss, out.mtp_losses
+
+    lm0, mtp0 = losses()
+    with torch.no_grad():
+        model.norm.weight.mul_(1.5)
+    lm1, mtp1 = losses()
+    assert not torch.equal(lm1, lm0)
+    assert all(torch.equal(a, b) for a, b in zip(mtp1, mtp0))
+    with torch.no_grad():
+        model.mtp[1].norm.weight.mul_(1.5)
+    lm2, mtp2 = losses()
+    assert torch.equal(lm2, lm1) and torch.equal(mtp2[0], mtp1[0]) and not torch.equal(mtp2[1], mtp1[1])
+
+
 # --- quantization simulation --------------------------------------------------------------------------------------
 
 

@@ -36,9 +36,34 @@ def test_constant_schedule_after_warmup():
 
 
 def test_mtp_weight_drops_when_lr_decay_starts():
-    """V4: MTP loss weight 0.3, then 0.1 once the learning-rate decay starts."""
+    """V4: MTP loss weight 0.3, then 0.1 once the WSD learning-rate decay starts."""
     o = OptimConfig(schedule="wsd", warmup_steps=5, decay_fraction=0.5, mtp_loss_weight_after_decay=0.1)
     assert [mtp_loss_weight(o, 0.3, s, 20) for s in (0, 9, 10, 19)] == [0.3, 0.3, 0.1, 0.1]
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
+def test_mtp_weight_switches_at_the_wsd_decay_start_under_every_schedule(schedule):
+    """Default (-1): the switch is where a WSD decay would start (here step 80 of 100), not the end of warm-up
+    (cosine decays from step 10): V3 kept 0.3 until its constant-LR phase ended."""
+    o = OptimConfig(schedule=schedule, warmup_steps=10, decay_fraction=0.2)
+    assert o.mtp_weight_switch_step == -1
+    assert [mtp_loss_weight(o, 0.3, s, 100) for s in (0, 10, 79, 80, 99)] == [0.3, 0.3, 0.3, 0.1, 0.1]
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
+def test_mtp_weight_switch_step_explicit(schedule):
+    o = OptimConfig(schedule=schedule, warmup_steps=10, mtp_weight_switch_step=30, mtp_loss_weight_after_decay=0.05)
+    assert [mtp_loss_weight(o, 0.3, s, 100) for s in (0, 29, 30, 99)] == [0.3, 0.3, 0.05, 0.05]
+    never = OptimConfig(schedule=schedule, warmup_steps=10, mtp_weight_switch_step=100)
+    assert {mtp_loss_weight(never, 0.3, s, 100) for s in range(100)} == {0.3}
+
+
+def test_mtp_weight_switch_step_bad_value_is_refused():
+    from dsv4.conf.schema import ConfigError
+
+    with pytest.raises(ConfigError, match=r"optim.mtp_weight_switch_step.*-1 for the WSD decay start, got -2"):
+        compose_config("debug", ["optim.mtp_weight_switch_step=-2"])
+    assert compose_config("debug", ["optim.mtp_weight_switch_step=5"]).optim.mtp_weight_switch_step == 5
 
 
 @pytest.mark.parametrize("s,r,cap", [(128, 4, None), (128, 4, 8), (131, 16, None), (7, 4, 3), (1000, 128, 2),

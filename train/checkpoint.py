@@ -16,6 +16,10 @@ random numbers after init today, it is kept for exactness).
 
 Crash safety: ranks write into `step_<N>.partial/`; when all have finished, each rank hashes the files it wrote,
 rank 0 writes dsv4.json, renames the folder to `step_<N>/` and then replaces `latest` atomically. A folder without dsv4.json is never chosen; `run.keep_last` complete checkpoints are kept.
+A run holds its folder's lock file (`dsv4.lock`, rank 0) from start-up to exit, so that two runs never write the
+same `.partial` folder; holding it, it removes the torn saves of earlier runs. A save that finds the disk full
+removes its `.partial` folder and raises one CheckpointError saying what is needed and what is intact. The
+processes megatron forks to write (and to save in the background) die with their rank (PR_SET_PDEATHSIG).
 
 Safety on load: loading never unpickles arbitrary objects. DCP's `.metadata` is a pickle that PyTorch reads with an
 unrestricted unpickler, so it is first read with an allow-list unpickler (`_SafeUnpickler`); `common.pt` is read
@@ -25,7 +29,9 @@ sha256 is checked against dsv4.json before any tensor is read (the ranks share t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import multiprocessing as mp
@@ -34,14 +40,19 @@ import pickle
 import re
 import shutil
 import signal
+import socket
 import sys
+import time
 from multiprocessing.managers import SyncManager
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.dist_checkpointing.validation import StrictHandling
+from torch.distributed.checkpoint import CheckpointException
 from omegaconf import OmegaConf
 
 from dsv4.optim.adam_state import adam_sharded_state_dict, load_adam_state_dict
@@ -118,6 +129,151 @@ def resolve_resume(resume: str, run_dir: str) -> Optional[str]:
     raise CheckpointError(f"run.resume={resume}: holds no complete dsv4 checkpoint (no {MARK}, no checkpoints/)")
 
 
+# --- one run per folder ---------------------------------------------------------------------------------------------
+
+LOCK = "dsv4.lock"
+"""The run folder's lock file: JSON with the host, pid (and its start time), SLURM job of the run that holds it."""
+
+
+def _process_start(pid: int) -> Optional[int]:
+    """Start time of process `pid` in clock ticks since boot (Linux /proc), None where unknown: with the pid it
+    tells a live holder from an unrelated process that got the pid later."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _this_process() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _process_start(os.getpid()),
+            "slurm_job": os.environ.get("SLURM_JOB_ID"), "slurm_restart": os.environ.get("SLURM_RESTART_COUNT", "0"),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _holder_gone(holder: dict, me: dict) -> Optional[str]:
+    """Why the run recorded in a lock file has certainly ended (so its lock is stale), or None."""
+    if holder.get("slurm_job") and holder["slurm_job"] == me["slurm_job"] \
+            and holder.get("slurm_restart") != me["slurm_restart"]:
+        return f"this SLURM job ({me['slurm_job']}) was requeued; its earlier run has ended"
+    if holder.get("host") != me["host"]:
+        return None  # another machine: its processes cannot be seen from here
+    pid = int(holder.get("pid", 0))
+    if pid == me["pid"]:
+        return "it was left by this process"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return f"its process {pid} no longer exists"
+    except PermissionError:  # alive, another user's
+        pass
+    started = _process_start(pid)
+    if holder.get("pid_start") is not None and started is not None and started != holder["pid_start"]:
+        return f"pid {pid} now belongs to another process"
+    return None
+
+
+class RunLock:
+    """The lock of a run folder held by this process (rank 0): taken by `claim_run_dir`, removed by `release`."""
+
+    def __init__(self, path: str, owner: dict):
+        self.path, self.owner = path, owner
+
+    def release(self) -> None:
+        """Remove the lock file if it still records this process (it may have been deleted by hand)."""
+        try:
+            with open(self.path) as f:
+                if json.load(f) != self.owner:
+                    return
+            os.remove(self.path)
+        except (OSError, ValueError):
+            pass
+
+
+def take_run_lock(run_dir: str) -> tuple:
+    """Take the lock of `run_dir` (created if needed) for this process: returns (RunLock, notice), the notice
+    saying whose stale lock was taken over ("" if none). Raises CheckpointError naming the run that holds it."""
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, LOCK)
+    me = _this_process()
+    notice = ""
+    for _ in range(3):  # a stale lock is removed, then taken like a free one (another run may win the race)
+        tmp = f"{path}.{me['host']}.{me['pid']}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(me, f)
+        try:
+            os.link(tmp, path)  # atomic: the lock file appears complete, or not at all when it exists
+            return RunLock(path, me), notice
+        except FileExistsError:
+            pass
+        finally:
+            os.remove(tmp)
+        try:
+            with open(path) as f:
+                holder = json.load(f)
+        except FileNotFoundError:
+            continue  # released meanwhile
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: unreadable lock file ({e}); if no other run uses run.output_dir="
+                                  f"{run_dir}, delete {path} and start again") from None
+        who = f"pid {holder.get('pid')} on host {holder.get('host')}, since {holder.get('since')}" + (
+            f", SLURM job {holder['slurm_job']}" if holder.get("slurm_job") else "")
+        gone = _holder_gone(holder, me)
+        if gone is None:
+            where = "it may still be running there (this host cannot check)" if holder.get("host") != me["host"] \
+                else "that process is alive"
+            raise CheckpointError(
+                f"run.output_dir={run_dir} is in use by another run ({who}): {where}. Two runs in one folder would "
+                f"write the same checkpoints; wait for it to end or set another run.output_dir. If that run has "
+                f"ended (e.g. its node died), delete {path} and start again.")
+        notice = f"took over the stale lock {path} of {who}: {gone}"
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+    raise CheckpointError(f"{path}: could not take the lock (other runs are starting in run.output_dir={run_dir} "
+                          f"at the same time); start one run per folder")
+
+
+def remove_stale_partials(run_dir: str) -> list:
+    """Remove the `step_N.partial/` folders of saves that died (call it holding the run's lock, so no save of
+    another run is in progress); returns the folders removed."""
+    root = checkpoint_root(run_dir)
+    removed = []
+    if os.path.isdir(root):
+        for name in sorted(os.listdir(root)):
+            if name.endswith(".partial") and _STEP_DIR.match(name.removesuffix(".partial")):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+                removed.append(os.path.join(root, name))
+    return removed
+
+
+@contextlib.contextmanager
+def claim_run_dir(run_dir: str, notify=print):
+    """All ranks: rank 0 takes the run folder's lock (`take_run_lock`) and removes torn saves of earlier runs,
+    before anything else of the run is written there; the lock is released when the block ends (also on an
+    exception). A folder held by another run raises CheckpointError on every rank."""
+    lock, outcome = None, [None, ""]
+    if dist.get_rank() == 0:
+        try:
+            lock, notice = take_run_lock(run_dir)
+            removed = remove_stale_partials(run_dir)
+            outcome[1] = "\n".join(filter(None, [notice] + [f"removed the torn save {p}" for p in removed]))
+        except CheckpointError as e:
+            outcome[0] = str(e)
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[0]:
+        raise CheckpointError(outcome[0])
+    if outcome[1] and lock is not None:
+        notify(f"dsv4-train: {outcome[1]}")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 # --- what goes into a checkpoint -------------------------------------------------------------------------------------
 
 def _layout(cfg, groups) -> dict:
@@ -166,14 +322,59 @@ def sharded_state(chunks, optimizer, cfg, groups, step: int, consumed_samples: i
 _WRITER_RESULTS = None  # the Manager serving megatron's writer-results queue, kept alive with this process
 
 
-def _exit_with_parent() -> None:
-    """Runs in the Manager's server process: ask Linux to terminate it when the rank that started it dies."""
+def _die_with_parent(signum: int) -> bool:
+    """Ask Linux to send `signum` to this process when the thread that forked it ends (PR_SET_PDEATHSIG); False
+    where that is not available (not Linux: the process then outlives a killed rank)."""
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the server then outlives a killed rank
-        pass
+        return ctypes.CDLL(None, use_errno=True).prctl(1, signum) == 0  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return False
+
+
+def _exit_with_parent() -> None:
+    """Runs in the Manager's server process: ask Linux to terminate it when the rank that started it dies."""
+    _die_with_parent(signal.SIGTERM)
+
+
+# megatron forks during a save: the background process of an async save (TemporalAsyncCaller) and, in it or in the
+# rank itself, one writer process per file (FileSystemWriterAsync.write_preloaded_data_multiproc). A rank killed
+# with SIGKILL cannot stop them: they were left as orphans holding the checkpoint in memory and waiting on queues
+# whose other end died (measured: ~510 MiB each, for up to 26 minutes). So every process forked while dsv4 has a
+# save in megatron's hands is told to die with its parent: a fork hook, inherited by the forked processes, that
+# is active only inside `_forks_die_with_parent` (the flag is copied into a child at its fork, so the background
+# process of an async save passes it on to the writers it forks later).
+_FORKS_DIE = False
+_FORKING_PID = 0
+
+
+def _note_forking_pid() -> None:
+    global _FORKING_PID
+    _FORKING_PID = os.getpid()
+
+
+def _child_dies_with_parent() -> None:
+    if not _FORKS_DIE:
+        return
+    _die_with_parent(signal.SIGKILL)
+    if os.getppid() != _FORKING_PID:  # the parent died between the fork and the prctl: no signal will come
+        os._exit(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_note_forking_pid, after_in_child=_child_dies_with_parent)
+
+
+@contextlib.contextmanager
+def _forks_die_with_parent():
+    """Processes forked inside the block (megatron's checkpoint writers) get SIGKILL when their parent dies."""
+    global _FORKS_DIE
+    _FORKS_DIE = True
+    try:
+        yield
+    finally:
+        _FORKS_DIE = False
 
 
 def _writer_results_queue() -> None:
@@ -209,17 +410,95 @@ def save_checkpoint(run_dir: str, step: int, chunks, optimizer, loader, cfg, gro
               "model": dataclasses.asdict(cfg.model), "data": _data_signature(cfg)}
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(dataclasses.asdict(cfg)))
 
+    # This rank's tensor bytes x ranks: what a first save needs at most (replicated tensors are written once).
+    estimate = dist.get_world_size() * sum(t.data.numel() * t.data.element_size() for t in nested_values(state)
+                                           if isinstance(t, ShardedTensor))
+
     def publish():
         _publish(root, partial, final, record, config_yaml, cfg.run.keep_last)
 
-    if async_queue is None:
-        dist_checkpointing.save(state, partial, validate_access_integrity=True)
-        publish()
-    else:
-        request = dist_checkpointing.save(state, partial, validate_access_integrity=True, async_sharded_save=True)
-        request.add_finalize_fn(publish)
-        async_queue.schedule_async_request(request)
+    def failed(e: BaseException):
+        _raise_if_disk_full(e, root, partial, step, estimate, cfg.run.keep_last)
+
+    try:
+        if async_queue is None:
+            with _forks_die_with_parent():
+                dist_checkpointing.save(state, partial, validate_access_integrity=True)
+            publish()
+        else:
+            request = dist_checkpointing.save(state, partial, validate_access_integrity=True, async_sharded_save=True)
+            request.add_finalize_fn(publish)
+            request = request._replace(finalize_fns=[_guarded(list(request.finalize_fns), failed)])
+            with _forks_die_with_parent():
+                async_queue.schedule_async_request(request)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - a full disk becomes a CheckpointError, the rest
+        failed(e)                                     # goes on (DCP's CheckpointException is a BaseException)
+        raise
     return final
+
+
+def _guarded(finalize_fns: list, failed):
+    """One finalize function of an async save: megatron's (and the publish), with a failure passed to `failed`."""
+    def finalize():
+        try:
+            for fn in finalize_fns:
+                fn()
+        except (Exception, CheckpointException) as e:  # noqa: BLE001
+            failed(e)
+            raise
+    return finalize
+
+
+class _PublishFailed(RuntimeError):
+    """Rank 0 could not publish a checkpoint (raised on every rank)."""
+
+
+def _disk_full(e: BaseException, seen=None) -> str:
+    """The operating system's words if `e` (or what caused it, or a failure megatron collected from a rank or a
+    writer process) is a full disk or quota, else ""."""
+    seen = seen if seen is not None else set()
+    if e is None or id(e) in seen:
+        return ""
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"[Errno {e.errno}] {e.strerror}"
+    for cause in (e.__cause__, e.__context__,
+                  *(f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values())):
+        if isinstance(cause, BaseException) and (found := _disk_full(cause, seen)):
+            return found
+    text = str(e)
+    return next((words for words in ("No space left on device", "Disk quota exceeded") if words in text), "")
+
+
+def _raise_if_disk_full(e: BaseException, root: str, partial: str, step: int, estimate: int, keep_last: int):
+    """A save failed with `e`. On a full disk: remove the torn `partial` folder and raise a CheckpointError that says
+    which folder, how much the checkpoint needs and what is intact. Failures megatron raises on every rank (its
+    write results are gathered) and publishing failures are decided together, so that every rank raises the same."""
+    words = _disk_full(e)
+    world = dist.get_world_size()
+    if world > 1 and isinstance(e, (CheckpointException, _PublishFailed)):
+        everyone = [None] * world
+        dist.all_gather_object(everyone, words)
+        words = next((w for w in everyone if w), "")
+    if not words:
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    complete = complete_checkpoints(root)
+    if complete:
+        with open(os.path.join(complete[-1][1], MARK)) as f:
+            needed = sum(v["bytes"] for v in json.load(f)["files"].values())
+        intact = (f"the complete checkpoints are intact ({', '.join(os.path.basename(p) for _, p in complete)}); "
+                  f"the same command resumes from {os.path.basename(complete[-1][1])}")
+    else:
+        needed = estimate
+        intact = "no checkpoint of this run was complete yet: the same command starts from step 0"
+    free = shutil.disk_usage(root).free if os.path.isdir(root) else 0
+    raise CheckpointError(
+        f"disk full while saving step {step} into {partial} ({words}): a checkpoint of this run needs about "
+        f"{needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB are free there now that the torn save is removed. "
+        f"{intact[0].upper() + intact[1:]} once space is freed (delete other files, lower run.keep_last={keep_last}, "
+        f"or move run.output_dir to a larger disk).") from e
 
 
 def _file_digests(folder: str, names: list) -> dict:
@@ -237,22 +516,29 @@ def _publish(root: str, partial: str, final: str, record: dict, config_yaml: str
     mine = sorted(n for n in os.listdir(partial) if n.startswith(f"__{rank}_") and n.endswith(".distcp"))
     digests = [None] * dist.get_world_size()
     dist.all_gather_object(digests, _file_digests(partial, mine))
+    failure, cause = [""], None
     if rank == 0:
-        shared = [n for n in os.listdir(partial) if not n.endswith(".distcp")]
-        files = _file_digests(partial, sorted(shared))
-        for d in digests:
-            files.update(d)
-        _write_synced(os.path.join(partial, "config.yaml"), config_yaml)
-        _write_synced(os.path.join(partial, MARK), json.dumps({**record, "files": files}, indent=1))
-        if os.path.exists(final):  # this step was saved before a crash and is saved again: replace it
-            shutil.rmtree(final)
-        os.rename(partial, final)
-        _write_synced(os.path.join(root, LATEST + ".tmp"), os.path.basename(final))
-        os.replace(os.path.join(root, LATEST + ".tmp"), os.path.join(root, LATEST))
-        _fsync_dir(root)
-        for _, old in complete_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+        try:
+            shared = [n for n in os.listdir(partial) if not n.endswith(".distcp")]
+            files = _file_digests(partial, sorted(shared))
+            for d in digests:
+                files.update(d)
+            _write_synced(os.path.join(partial, "config.yaml"), config_yaml)
+            _write_synced(os.path.join(partial, MARK), json.dumps({**record, "files": files}, indent=1))
+            if os.path.exists(final):  # this step was saved before a crash and is saved again: replace it
+                shutil.rmtree(final)
+            os.rename(partial, final)
+            _write_synced(os.path.join(root, LATEST + ".tmp"), os.path.basename(final))
+            os.replace(os.path.join(root, LATEST + ".tmp"), os.path.join(root, LATEST))
+            _fsync_dir(root)
+        except OSError as e:
+            failure, cause = [f"publishing {final} failed: {e}"], e
+        else:
+            for _, old in complete_checkpoints(root)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.broadcast_object_list(failure, src=0)  # every rank learns the outcome (and waits for the publish)
+    if failure[0]:
+        raise _PublishFailed(failure[0]) from cause
 
 
 def _write_synced(path: str, text: str) -> None:

@@ -3,7 +3,7 @@
     data = build_data(cfg, dp_rank, dp_size)      # collective when torch.distributed is initialized
     batch = next(data.train)                      # this rank's next micro-batch
     ckpt["data"] = data.train.state_dict()        # {"consumed_samples": n}; load_state_dict resumes at sample n
-    for batch in data.valid(): ...                # the same run.eval_iters micro-batches each call (None: no split)
+    for batch in data.valid(): ...                # this rank's share of run.eval_iters micro-batches (None: no split)
 
 A batch is a dict of three [micro_batch_size, seq_length] tensors:
     input_ids  int64    tokens t_0 .. t_{s-1}
@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import shutil
+import struct
 import sysconfig
 import time
 from collections import OrderedDict
@@ -39,8 +40,8 @@ import torch
 
 from dsv4.model.config import ConfigError
 
-from .preprocess import (PreprocessError, find_eod, load_tokenizer_file, tokenize_documents, tokenizer_vocab_size,
-                         train_bpe, write_indexed_dataset)
+from .preprocess import (STATS_SUFFIX, PreprocessError, find_eod, load_tokenizer_file, tokenize_documents,
+                         tokenizer_vocab_size, train_bpe, write_indexed_dataset)
 
 Batch = Dict[str, torch.Tensor]
 
@@ -247,13 +248,22 @@ class TrainLoader:
 def _valid_loader(dataset, micro_batch_size: int, dp_rank: int, dp_size: int,
                   eval_iters: int, eod: Optional[int] = None) -> Callable[..., Iterator[Batch]]:
     def valid(iters: Optional[int] = None) -> Iterator[Batch]:
-        """This rank's slices of the first `iters` (default run.eval_iters) validation micro-steps: the same batches
-        on every call, so validation losses of different steps are comparable. The validation set is sized for
-        run.eval_iters; more iterations stop at its end."""
-        step = micro_batch_size * dp_size
-        for k in range(min(eval_iters if iters is None else iters, len(dataset) // step)):
-            start = k * step + dp_rank * micro_batch_size
-            yield _collate([dataset[i] for i in range(start, start + micro_batch_size)], eod)
+        """This rank's share of the first `iters` (default run.eval_iters) validation micro-batches of the whole
+        job: micro-batch k holds validation sequences k*mbs .. (k+1)*mbs - 1 and goes to data-parallel rank
+        k % dp_size. Every layout with this micro-batch size so evaluates the same sequences, and every call the
+        same batches (validation losses of different steps and layouts are comparable). When the micro-batches do
+        not divide over the ranks, the ranks with one fewer run a copy of micro-batch 0 with a zero loss mask (the
+        ranks must run as many forward passes: the expert-parallel all-to-all spans data-parallel ranks); no
+        token of it counts (`evaluate` weighs micro-batches by their loss tokens). The validation set is sized
+        for run.eval_iters; more iterations stop at its end."""
+        total = min(eval_iters if iters is None else iters, len(dataset) // micro_batch_size)
+        for i in range(-(-total // dp_size)):  # ceil: the same count on every rank
+            k = i * dp_size + dp_rank
+            start = (k if k < total else 0) * micro_batch_size
+            batch = _collate([dataset[j] for j in range(start, start + micro_batch_size)], eod)
+            if k >= total:
+                batch["loss_mask"] = torch.zeros_like(batch["loss_mask"])
+            yield batch
     return valid
 
 
@@ -264,8 +274,9 @@ class Data:
     train: TrainLoader
     """Stateful iterator of this rank's training micro-batches (`state_dict`/`load_state_dict`)."""
     valid: Optional[Callable[..., Iterator[Batch]]]
-    """valid(iters=run.eval_iters) -> iterator of this rank's first `iters` validation micro-batches (the same on
-    every call); None when data.split has no validation part."""
+    """valid(iters=run.eval_iters) -> iterator of this rank's share of the job's first `iters` validation
+    micro-batches (the same on every call, the same sequences under every layout); None when data.split has no
+    validation part."""
     tokenizer: Tokenizer
     """The tokenizer of the data (vocab_size, eod, encode/decode)."""
     prefixes: List[str]
@@ -278,8 +289,8 @@ class Data:
 def build_data(cfg, dp_rank: int = 0, dp_size: int = 1) -> Data:
     """Datasets, tokenizer and loaders for `cfg` (a DSV4Config) on data-parallel rank `dp_rank` of `dp_size`.
 
-    Train samples: run.steps x data.global_batch_size; validation samples: run.eval_iters x micro_batch_size x
-    dp_size (the same batches are evaluated each time). When torch.distributed is initialized every rank must
+    Train samples: run.steps x data.global_batch_size; validation samples: run.eval_iters x micro_batch_size,
+    whatever the data-parallel size (split over the ranks; the same batches are evaluated each time). When torch.distributed is initialized every rank must
     call this (megatron builds the index files on global rank 0 first, behind a barrier).
     Raises ConfigError naming the key for missing datasets, a tokenizer larger than model.vocab_size, a split that
     leaves a dataset without documents, or a batch layout that does not divide.
@@ -326,10 +337,13 @@ def build_data(cfg, dp_rank: int = 0, dp_size: int = 1) -> Data:
                           f"tokens of data.tokenizer ({tokenizer_path}); set model.vocab_size >= "
                           f"{tokenizer.vocab_size} or use a tokenizer with fewer tokens")
 
+    for i, prefix in enumerate(prefixes):
+        check_dataset_files(prefix, f"data.prefixes[{i}]" if d.prefixes else "the embedded corpus",
+                            cfg.model.vocab_size, cache_dir)
     weights = _blend_weights(prefixes, list(d.weights))
     _check_split(prefixes, d.split, from_embedded=not d.prefixes)
     train_samples = run.steps * d.global_batch_size
-    valid_samples = run.eval_iters * d.micro_batch_size * dp_size
+    valid_samples = run.eval_iters * d.micro_batch_size  # the job's, not a rank's: the same set under every layout
     config = GPTDatasetConfig(
         random_seed=run.seed, sequence_length=d.seq_length, blend=(prefixes, weights), split=d.split,
         path_to_cache=os.path.join(cache_dir, "indices"), tokenizer=tokenizer,
@@ -343,6 +357,75 @@ def build_data(cfg, dp_rank: int = 0, dp_size: int = 1) -> Data:
                                                          run.eval_iters, eod)
     return Data(train=TrainLoader(train_ds, d.micro_batch_size, dp_rank, dp_size, eod), valid=valid,
                 tokenizer=tokenizer, prefixes=prefixes)
+
+
+_IDX_MAGIC = b"MMIDIDX\x00\x00"
+_IDX_HEADER = 34  # magic 9, version <Q, dtype code <B, sequence count <Q, document count <Q
+_IDX_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
+               8: np.uint16}  # megatron-core's DType codes
+_SCAN_CHUNK = 1 << 24  # token ids per read when a .bin has to be scanned for its largest id (bounded memory)
+
+
+def check_dataset_files(prefix: str, name: str, vocab_size: int, cache_dir: str) -> None:
+    """`<prefix>.idx/.bin` are a whole megatron-core indexed dataset whose token ids fit `vocab_size`, or a
+    ConfigError naming `name` (the key), the file and the fix. Cheap: the index header and its length array are
+    read, the .bin only by its size; the largest id comes from `<prefix>.stats.json` (written by dsv4-preprocess).
+    A dataset without that record (made by other tools, or before it existed) is scanned once in chunks and the
+    result cached under `<cache_dir>/token_stats/`, keyed by the file's path, size and modification time."""
+    idx, bin_ = prefix + ".idx", prefix + ".bin"
+    remake = (f"make it again (dsv4-preprocess --output-prefix {prefix} --overwrite ...), or copy it again if it "
+              f"was copied")
+    size = os.path.getsize(idx)
+    with open(idx, "rb") as f:
+        header = f.read(_IDX_HEADER)
+    if len(header) < _IDX_HEADER or header[:9] != _IDX_MAGIC or struct.unpack("<Q", header[9:17])[0] != 1 \
+            or header[17] not in _IDX_DTYPES:
+        raise ConfigError(f"{name}: {idx} is not a megatron-core indexed dataset index (bad header: "
+                          f"{'truncated' if len(header) < _IDX_HEADER else 'wrong magic, version or dtype'}); "
+                          f"{remake}")
+    dtype = np.dtype(_IDX_DTYPES[header[17]])
+    sequences, documents = struct.unpack("<QQ", header[18:34])
+    expected = _IDX_HEADER + sequences * (4 + 8) + documents * 8
+    if size != expected:
+        raise ConfigError(f"{name}: {idx} is {size} bytes, its header ({sequences} sequences, {documents} "
+                          f"documents) implies {expected}: truncated or corrupted; {remake}")
+    lengths = np.fromfile(idx, dtype=np.int32, count=sequences, offset=_IDX_HEADER)
+    tokens = int(lengths.sum(dtype=np.int64))
+    bin_size = os.path.getsize(bin_)
+    if lengths.min(initial=0) < 0 or bin_size != tokens * dtype.itemsize:
+        raise ConfigError(f"{name}: {bin_} is {bin_size} bytes, its index {idx} implies {tokens} tokens x "
+                          f"{dtype.itemsize} bytes = {tokens * dtype.itemsize}: truncated or corrupted; {remake}")
+    max_id = _max_token_id(prefix, bin_size, dtype, cache_dir)
+    if max_id >= vocab_size:
+        raise ConfigError(f"model.vocab_size: {bin_} ({name}) holds token id {max_id}, which the model's "
+                          f"{vocab_size}-token vocabulary cannot embed; set model.vocab_size > {max_id} (the "
+                          f"tokenizer's size), or tokenize the text again with a smaller tokenizer")
+
+
+def _max_token_id(prefix: str, bin_size: int, dtype: np.dtype, cache_dir: str) -> int:
+    """The largest token id of `<prefix>.bin`: recorded by dsv4-preprocess, else scanned once and cached."""
+    from filelock import FileLock  # a dependency of torch
+
+    stats = prefix + STATS_SUFFIX
+    if os.path.isfile(stats):
+        with open(stats) as f:
+            record = json.load(f)
+        if record.get("bin_bytes") == bin_size:
+            return int(record["max_token_id"])
+    bin_ = os.path.realpath(prefix + ".bin")
+    key = hashlib.sha256(f"{bin_}:{bin_size}:{os.stat(bin_).st_mtime_ns}".encode()).hexdigest()[:24]
+    folder = os.path.join(cache_dir, "token_stats")
+    os.makedirs(folder, exist_ok=True)
+    cached = os.path.join(folder, key + ".json")
+    with FileLock(cached + ".lock"):  # one rank (or job) scans, the others read its result
+        if not os.path.isfile(cached):
+            ids = np.memmap(bin_, dtype=dtype, mode="r")
+            max_id = max((int(ids[i:i + _SCAN_CHUNK].max()) for i in range(0, len(ids), _SCAN_CHUNK)), default=-1)
+            with open(cached + ".tmp", "w") as f:
+                json.dump({"bin": bin_, "bin_bytes": bin_size, "max_token_id": max_id}, f)
+            os.replace(cached + ".tmp", cached)
+        with open(cached) as f:
+            return int(json.load(f)["max_token_id"])
 
 
 def _blend_weights(prefixes: List[str], weights: List[float]) -> Optional[List[float]]:

@@ -11,12 +11,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import shutil
 import signal
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Optional
 
 import torch
@@ -42,7 +45,7 @@ from dsv4.parallel.grads import finalize_grads
 from dsv4.parallel.fp8 import Fp8Plan, resolve_fp8
 from dsv4.parallel.state import ParallelGroups, init_distributed
 
-from .checkpoint import CheckpointError, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import CheckpointError, claim_run_dir, load_checkpoint, resolve_resume, save_checkpoint
 from .data import build_data
 from .preemption import StopRequest, requeue_slurm_job
 from .flops import device_peak_flops, training_flops_per_token
@@ -238,6 +241,37 @@ def _clip(optimizer, max_norm: float, total_norm: float) -> None:
             clip_grad_by_total_norm_fp32(params, max_norm=max_norm, total_norm=total_norm)
 
 
+def _main_params(opt):
+    """(model parameter, the main parameter megatron's optimizer `opt` updates for it) pairs: an fp32 shard of it
+    under the distributed optimizer, an fp32 copy of a bf16 parameter, or the fp32 parameter itself."""
+    if isinstance(opt, DistributedOptimizer):
+        yield from zip(chain(*opt.model_float16_groups), chain(*opt.shard_fp32_from_float16_groups))
+        yield from zip(chain(*opt.model_fp32_groups), chain(*opt.shard_fp32_groups))
+    elif hasattr(opt, "float16_groups"):  # Float16OptimizerWithFloat16Params
+        yield from zip(chain(*opt.float16_groups), chain(*opt.fp32_from_float16_groups))
+        yield from ((p, p) for p in chain(*opt.fp32_from_fp32_groups))
+    elif opt.optimizer is not None:  # FP32Optimizer: the model parameters are the main parameters
+        yield from ((p, p) for group in opt.optimizer.param_groups for p in group["params"])
+
+
+def leave_out_frozen(optimizer) -> None:
+    """Keep the parameters frozen this step (`requires_grad` off: everything but the indexers in the indexer
+    warm-up, `DSV4Model.set_attention_phase`) out of the update and out of the gradient norm and clipping.
+
+    Why: megatron's DDP keeps a `main_grad` buffer for a frozen parameter (zero, as nothing flows into it), and its
+    optimizers hand it to AdamW as the gradient, so weight decay and the moments would still move the tensor (and
+    its step count grow). torch's AdamW (and apex/TE FusedAdam) skip a parameter whose `.grad` is None: no decay,
+    no moment or step update. megatron's gradient norm and clipping read only the `.grad`s that are set, so the norm
+    is that of the parameters being trained. Call it after `prepare_grads` (which sets every main `.grad`).
+    DistributedMuon reads `main_grad` itself and skips frozen tensors in its own step, norm and clipping."""
+    if isinstance(optimizer, DistributedMuon):
+        return
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for model_param, main in _main_params(opt):
+            if not model_param.requires_grad:
+                main.grad = None
+
+
 def _optimizer_step(optimizer, chunks: list) -> None:
     """Update the parameters. megatron-core 0.16.1 chains a dense and an expert DistributedOptimizer, and each one's
     step all-gathers the parameters of every bucket (dense and expert) afterwards: twice ZeRO-1's parameter
@@ -257,7 +291,8 @@ def train_step(chunks: list, optimizer, batches: list, cfg: DSV4Config, groups: 
     """One optimizer step over the micro-batches of a global batch; returns its metrics.
 
     forward/backward of every micro-batch (megatron-core schedule) -> gradient finalisation (data-parallel
-    reduction, tensor-parallel partial sums, shared embedding) -> gradient norm -> non-finite check -> clip ->
+    reduction, tensor-parallel partial sums, shared embedding) -> frozen tensors left out (`leave_out_frozen`: the
+    indexer warm-up) -> gradient norm -> non-finite check -> clip ->
     optimizer step (parameters all-gathered again under the distributed optimizer) -> expert-bias update.
 
     A non-finite loss or gradient norm (on any rank) skips the update (run.on_nan=skip) or raises
@@ -274,6 +309,7 @@ def train_step(chunks: list, optimizer, batches: list, cfg: DSV4Config, groups: 
     finalize_grads(chunks, groups)
     metrics = _step_losses(records, aux_sums, len(batches), groups, device)
     optimizer.prepare_grads()
+    leave_out_frozen(optimizer)
     norm = float(optimizer.get_grad_norm())
     finite = torch.tensor([float(math.isfinite(metrics["loss"]) and math.isfinite(norm))], device=device)
     dist.all_reduce(finite, op=dist.ReduceOp.MIN)
@@ -298,9 +334,12 @@ def train_step(chunks: list, optimizer, batches: list, cfg: DSV4Config, groups: 
 
 @torch.no_grad()
 def evaluate(chunks: list, batches, cfg: DSV4Config, groups: ParallelGroups) -> dict:
-    """Mean LM loss (and perplexity) over validation micro-batches; the first also measures the indexer's recall of
-    dense attention's top-k and the mHC composite gain (combined over the pipeline stages)."""
+    """Mean LM loss (and perplexity) over the validation micro-batches of every data-parallel rank, each weighted by
+    its loss tokens (a padding micro-batch, with a zero loss mask, counts for nothing: `data.valid`); the first
+    also measures the indexer's recall of dense attention's top-k and the mHC composite gain (combined over the
+    pipeline stages)."""
     batches = list(batches)
+    tokens = [float(b["loss_mask"].sum()) for b in batches]  # the last stage's records come in this order
     for chunk in chunks:
         chunk.eval()
     device = next(chunks[0].parameters()).device
@@ -308,7 +347,8 @@ def evaluate(chunks: list, batches, cfg: DSV4Config, groups: ParallelGroups) -> 
     parts = [(unwrap(c).stage.vp_stage * groups.pp_size + groups.pp_rank, unwrap(c).stats_parts) for c in chunks]
     for chunk in chunks:
         chunk.train()
-    loss = torch.tensor([sum(r["lm_loss"].item() for r in records), float(len(records))], device=device)
+    loss = torch.tensor([sum(r["lm_loss"].item() * n for r, n in zip(records, tokens)),
+                         sum(n for _, n in zip(records, tokens))], dtype=torch.float64, device=device)
     dist.all_reduce(loss, group=groups.pp)  # only the last stage holds records
     dist.all_reduce(loss, group=groups.dp)
     mean = (loss[0] / loss[1].clamp_min(1)).item()
@@ -326,11 +366,13 @@ def evaluate(chunks: list, batches, cfg: DSV4Config, groups: ParallelGroups) -> 
 def train(cfg: DSV4Config, run_dir: Optional[str] = None) -> TrainResult:
     """Train `cfg.run.steps` optimizer steps; `cfg` must be validated (compose_config / to_config do it).
 
-    The stop-signal handlers (run.stop_signals) are installed first, so that a signal during start-up (SLURM may
-    warn early) is not fatal: it stops the run after its first step, with a checkpoint."""
+    The stop-signal handlers (run.stop_signals, and SIGINT) are installed first, so that a signal during start-up
+    (SLURM may warn early) is not fatal: it stops the run after its first step, with a checkpoint; a Ctrl-C during
+    start-up stops it before the first step."""
     stop = StopRequest(cfg.run.stop_signals)
     try:
-        return _train(cfg, run_dir, stop)
+        with contextlib.ExitStack() as cleanup:  # what _train holds until it ends: the run folder's lock
+            return _train(cfg, run_dir, stop, cleanup)
     finally:
         stop.restore()
 
@@ -341,7 +383,7 @@ def fp8_plan(cfg: DSV4Config) -> Optional[Fp8Plan]:
     return resolve_fp8(pr.fp8, pr.fp8_backend, pr.fp8_modules, pr.fp8_block)
 
 
-def _train(cfg: DSV4Config, run_dir: Optional[str], stop: StopRequest) -> TrainResult:
+def _train(cfg: DSV4Config, run_dir: Optional[str], stop: StopRequest, cleanup: contextlib.ExitStack) -> TrainResult:
     p = cfg.parallel
     fp8_plan(cfg)  # precision.fp8 this machine cannot run: stop before any process group or data is touched
     groups = init_distributed(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, vpp=p.vpp,
@@ -349,13 +391,18 @@ def _train(cfg: DSV4Config, run_dir: Optional[str], stop: StopRequest) -> TrainR
                               collective_timeout_s=cfg.cluster.collective_timeout_s)
     run_dir = run_dir or cfg.run.output_dir
     rank0 = dist.get_rank() == 0
+    cleanup.enter_context(claim_run_dir(run_dir))  # one run per folder; before anything is written to it
     chunks = build_model(cfg, groups)
     optimizer = build_optimizer(chunks, cfg, groups)
     data = build_data(cfg, dp_rank=groups.dp_rank, dp_size=groups.dp_size)
     start = _resume(cfg, run_dir, chunks, optimizer, data, groups)  # before anything is written to the run folder
     if rank0:
         write_run_record(run_dir, cfg)
-    monitor = Monitor(run_dir, cfg.run.steps, enabled=rank0, progress_bar=cfg.run.progress_bar)
+        # The run's own copy of its tokenizer, which dsv4-export writes beside the exported weights.
+        run_tokenizer = os.path.join(os.path.abspath(run_dir), "tokenizer.json")
+        if data.tokenizer.path != run_tokenizer:
+            shutil.copyfile(data.tokenizer.path, run_tokenizer)
+    monitor = Monitor(run_dir, cfg.run.steps, enabled=rank0, progress_bar=cfg.run.progress_bar, start_step=start)
     n_micro = cfg.data.global_batch_size // (cfg.data.micro_batch_size * groups.dp_size)
     peak = device_peak_flops()
     n_params = sum(t.numel() for c in chunks for t in c.parameters())
@@ -376,6 +423,10 @@ def _train(cfg: DSV4Config, run_dir: Optional[str], stop: StopRequest) -> TrainR
     saves = AsyncCallsQueue() if cfg.run.async_save else None
     device = next(chunks[0].parameters()).device
     try:
+        if stop.agreed(device) == signal.SIGINT:  # Ctrl-C during start-up: nothing trained, nothing to save
+            result.stopped_by = "SIGINT"
+            monitor.message(f"interrupted (SIGINT) during start-up: stopped before step {start + 1}, nothing saved")
+            return result
         for step in range(start, cfg.run.steps):
             t0 = time.perf_counter()
             phase = [unwrap(c).set_step(step) for c in chunks][0]

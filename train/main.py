@@ -10,9 +10,12 @@ Bad configuration fails before any process group or data is touched, with a mess
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import signal
 import sys
+import time
 import warnings
 
 import hydra
@@ -20,14 +23,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from dsv4.conf.schema import register_configs, to_config
+from dsv4.conf.schema import compose_overrides, register_configs, to_config
 from dsv4.model.config import ConfigError
-from dsv4.parallel.launch import RendezvousError
+from dsv4.parallel.launch import RendezvousError, launch_env
 
-# megatron-core warns once per module that TransformerEngine/apex are absent; on CPU that is expected. Its
-# collectives use torch names torch 2.13 deprecates, and it recommends a CUDA setting on every SP layer.
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-warnings.filterwarnings("ignore", message="Apex is not installed")
+# (dsv4/__init__.py silences megatron-core's TransformerEngine/apex notices.) Its collectives use torch names
+# torch 2.13 deprecates, and it recommends a CUDA setting on every SP layer.
 warnings.filterwarnings("ignore", message=r"`torch.distributed.(all_gather_into_tensor|reduce_scatter_tensor)` is "
                                           "deprecated")
 warnings.filterwarnings("ignore", message="When using sequence parallelism it is recommended to set the environment")
@@ -50,16 +51,64 @@ def _fail(message: str, code: int):
     sys.exit(code)
 
 
+def _refuse(message: str) -> None:
+    """A configuration error: every rank finds the same one (each validates the same config before any process
+    group exists), so rank 0 alone reports it and every rank exits with 2.
+
+    Under torchrun the report goes into the rank's error file (TORCHELASTIC_ERROR_FILE) instead of stderr:
+    torchrun always ends a failed launch with its ChildFailedError banner, and with the file it shows the message
+    once, as the banner's root cause (its last entry), where it would otherwise print a link to its docs. torchrun
+    stops the other ranks as soon as one exits, so the others wait a moment for rank 0 to exit first (and report
+    themselves if it does not)."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        if _launch_rank() != 0:
+            time.sleep(3)
+        with open(error_file, "w") as f:
+            json.dump({"message": f"dsv4-train: {message}", "timestamp": int(time.time())}, f)
+    elif _launch_rank() == 0:
+        print(f"dsv4-train: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _launch_rank() -> int:
+    """This process's rank as the launcher announces it (0 without one, or when the environment is malformed:
+    the job's start-up then names what is wrong)."""
+    try:
+        return launch_env().rank
+    except ConfigError:
+        return 0
+
+
+def _check_before_hydra(args: list[str]) -> None:
+    """Compose and validate a plain run's config before Hydra does: Hydra creates the run folder before calling
+    the job and reports an unknown key with its own hint (prefix `+`), where dsv4 names the key it meant. A
+    refused run thus leaves no folder behind. Runs with Hydra's flags (--cfg, -m, --config-dir, ...) are Hydra's
+    to compose: they are checked by `_run` as before."""
+    if any(a.startswith("-") for a in args):
+        return
+    try:
+        to_config(compose_overrides([a for a in args if not a.startswith("hydra")]))
+    except ConfigError as e:
+        _refuse(str(e))
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def _run(dcfg: DictConfig) -> float | None:
+    if _launch_rank() != 0:  # the notices of derived values (batch, warm-up): once, from rank 0
+        logging.getLogger("dsv4").setLevel(logging.WARNING)
     try:
         cfg = to_config(dcfg)  # type checks and every cross-field check, before anything else happens
     except ConfigError as e:
-        _fail(str(e), 2)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            _fail(str(e), 2)
+        _refuse(str(e))
     # megatron-core's dataset builders log every index they build at INFO; keep them in main.log, not the console.
+    # dsv4's own lines (start-up summary, steps, checkpoints) are printed and logged at INFO: main.log holds them.
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.WARNING)
+        handler.addFilter(_demote_megatron_buffers)
     from .loop import NonFiniteLossError, train
 
     run_dir = HydraConfig.get().runtime.output_dir
@@ -88,6 +137,15 @@ def _run(dcfg: DictConfig) -> float | None:
     return result.valid_loss  # what a Hydra sweeper would optimise
 
 
+def _demote_megatron_buffers(record: logging.LogRecord) -> bool:
+    """megatron-core's DDP set-up logs its gradient buckets (every parameter's name) and FSDP notices at INFO:
+    demoted to DEBUG, shown only when the root logger is at DEBUG (e.g. `hydra.verbose=true`)."""
+    if record.name.startswith("megatron.core.distributed") and record.levelno == logging.INFO:
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+    return True
+
+
 def _lost_peer(e: RuntimeError) -> str | None:
     """What a collective's error says about the other ranks, or None when it is not about them."""
     text = str(e)
@@ -100,7 +158,18 @@ def _lost_peer(e: RuntimeError) -> str | None:
 
 def main() -> None:
     register_configs()
-    _run()
+    args = sys.argv[1:]
+    if "--help" in args or "-h" in args:
+        from .help import usage
+
+        print(usage())
+        return
+    try:
+        _check_before_hydra(args)
+        _run()
+    except KeyboardInterrupt:  # Ctrl-C before training installs its handler (composing, imports) or after it
+        print("dsv4-train: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import platform
 import subprocess
 import sys
 import time
 from importlib import metadata
+from typing import Callable
 
 from omegaconf import OmegaConf
+
+_log = logging.getLogger(__name__)
 
 PACKAGES = ("torch", "megatron-core", "hydra-core", "omegaconf", "transformers", "tokenizers", "tensorboard",
             "safetensors", "numpy", "dsv4")
@@ -51,14 +55,19 @@ def write_run_record(run_dir: str, cfg) -> None:
 
 
 class Monitor:
-    """TensorBoard scalars plus a progress line with ETA, on rank 0; a no-op elsewhere."""
+    """TensorBoard scalars plus a progress line with ETA, on rank 0; a no-op elsewhere.
 
-    def __init__(self, run_dir: str, total_steps: int, enabled: bool, progress_bar: bool):
-        self.enabled, self.total = enabled, total_steps
+    `start_step`: the step this process starts from (a resumed run's checkpoint step). The ETA is the rate of the
+    steps this process ran times the steps left: the resumed steps took no time here and must not count as done
+    fast. `clock`: seconds (time.perf_counter; a fake one in tests)."""
+
+    def __init__(self, run_dir: str, total_steps: int, enabled: bool, progress_bar: bool, start_step: int = 0,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.enabled, self.total, self.start_step, self.clock = enabled, total_steps, start_step, clock
         self.writer = None
         self.log = None
         self.bar = None
-        self.start = time.perf_counter()
+        self.start = clock()
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
@@ -70,7 +79,9 @@ class Monitor:
             try:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=total_steps, desc="dsv4-train", unit="step", dynamic_ncols=True)
+                # initial: tqdm's rate and ETA count only the steps after it ((n - initial) / elapsed).
+                self.bar = tqdm(total=total_steps, initial=start_step, desc="dsv4-train", unit="step",
+                                dynamic_ncols=True)
             except ImportError:  # tqdm is optional: plain lines instead
                 self.bar = None
 
@@ -90,19 +101,21 @@ class Monitor:
         """After optimizer step `step` (1-based): update the bar, or print a line with the ETA."""
         if not self.enabled:
             return
+        _log.info("step %d/%d %s", step, self.total, line)  # main.log (dsv4-train shows INFO only there)
         if self.bar is not None:
             self.bar.n = step
             if loss is not None:
                 self.bar.set_postfix_str(f"loss={loss:.4f}")
             self.bar.refresh()
             return
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / max(step, 1) * (self.total - step)
+        elapsed = self.clock() - self.start
+        eta = elapsed / max(step - self.start_step, 1) * (self.total - step)  # this process's rate
         print(f"step {step:>6}/{self.total} {line} eta {_fmt_time(eta)}", flush=True)
 
     def message(self, text: str) -> None:
         if not self.enabled:
             return
+        _log.info(text)
         if self.bar is not None:
             self.bar.write(text)
         else:

@@ -8,6 +8,13 @@ training starts and only record the signal; the training loop asks after every s
 (one small all-reduce, since SLURM does not signal all ranks at the same instant), and if so all ranks save the
 step they have finished and stop together. Inside a SLURM job, a stop by a signal of `run.requeue_on` requeues the
 job (`scontrol requeue`); the requeued job resumes from that checkpoint (run.resume=auto).
+
+Ctrl-C (SIGINT) is always handled the same way, whatever run.stop_signals lists: the run finishes its step, saves
+it and exits with 130, as a shell reports an interrupted command. Under torchrun the terminal's Ctrl-C reaches the
+launcher, which passes SIGINT on to every rank (and kills them after its shutdown timeout, 30 s by default). A
+Ctrl-C during start-up stops the run before its first step, without a checkpoint (nothing was trained). The first
+Ctrl-C puts the default action back, so a second one ends the process at once, as users expect: the steps since
+the last checkpoint are lost, and a torn `.partial` save is cleared by the next start.
 """
 
 from __future__ import annotations
@@ -34,18 +41,23 @@ def signal_number(name: str) -> int:
 
 
 class StopRequest:
-    """Signal handlers that record a stop request (installed from the main thread; elsewhere a no-op)."""
+    """Signal handlers that record a stop request (installed from the main thread; elsewhere a no-op): the signals
+    `names` and SIGINT (Ctrl-C), which is always handled."""
 
     def __init__(self, names):
         self.received: Optional[int] = None
         self._previous = {}
         if threading.current_thread() is not threading.main_thread():
             return
-        for name in names:
-            number = signal_number(name)
+        for number in dict.fromkeys([*map(signal_number, names), int(signal.SIGINT)]):
             self._previous[number] = signal.signal(number, self._record)
 
     def _record(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends the process at once
+            if os.environ.get("RANK", "0") == "0":  # one notice per job; os.write: a print could re-enter stderr
+                os.write(2, b"\ndsv4-train: Ctrl-C: stopping after this step with a checkpoint (exit 130); press "
+                            b"Ctrl-C again to abort at once, losing the steps since the last checkpoint\n")
         if self.received is None:
             self.received = signum
 

@@ -8,7 +8,9 @@ Inputs: a `.txt` file is one document; a `.jsonl` file holds one JSON object per
 under `--jsonl-key` (default "text"); a directory stands for the .txt/.jsonl files below it (sorted). Every document
 is written as one sequence with the end-of-document token appended. The tokenizer used (a `tokenizer.json` given
 with `--tokenizer`, or a byte-level BPE trained on the inputs with `--train-tokenizer --vocab-size N`) is always
-stored beside the dataset as `<prefix>.tokenizer.json`, which is where training looks for it.
+stored beside the dataset as `<prefix>.tokenizer.json`, which is where training looks for it. `<prefix>.stats.json`
+records the largest token id (and the .bin size it was counted on), so that training checks it against
+model.vocab_size at start-up without reading the .bin.
 
 The pieces are functions that `dsv4.train.data` reuses for the embedded corpus: `read_documents` -> `train_bpe` ->
 `tokenize_documents` -> `write_indexed_dataset`. Problems with the inputs or flags raise `PreprocessError`, whose
@@ -41,7 +43,9 @@ KNOWN_EOD_TOKENS = (EOD_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
 MIN_BPE_VOCAB = 256 + 1
 """A byte-level BPE holds the 256 byte symbols plus the end-of-document token before its first merge."""
 
-DATASET_SUFFIXES = (".bin", ".idx", ".tokenizer.json")
+STATS_SUFFIX = ".stats.json"
+"""`<prefix>.stats.json`: the largest token id, documents, tokens and .bin size of a dataset, written with it."""
+DATASET_SUFFIXES = (".bin", ".idx", ".tokenizer.json", STATS_SUFFIX)
 """The files `dsv4-preprocess` writes for one output prefix."""
 
 
@@ -304,22 +308,28 @@ def write_indexed_dataset(prefix: str, token_docs: Iterable[np.ndarray], vocab_s
     tmp = f"{prefix}.tmp-{os.getpid()}"
     builder = IndexedDatasetBuilder(tmp + ".bin", dtype=DType.optimal_dtype(vocab_size))
     n_docs = n_tokens = 0
+    max_id = -1
     try:
         for ids in token_docs:
             builder.add_document(ids, [len(ids)])
             n_docs += 1
             n_tokens += len(ids)
+            max_id = max(max_id, int(np.max(ids))) if len(ids) else max_id
             if progress is not None:
                 progress.update(len(ids))
         builder.finalize(tmp + ".idx")
         if n_docs == 0:
             raise PreprocessError("the inputs hold no documents (every file or JSONL text is empty); check the "
                                   "input files and --jsonl-key")
+        with open(tmp + STATS_SUFFIX, "w") as f:  # read at training start-up: no scan of the .bin is needed there
+            json.dump({"max_token_id": max_id, "documents": n_docs, "tokens": n_tokens,
+                       "bin_bytes": os.path.getsize(tmp + ".bin")}, f)
         os.replace(tmp + ".bin", prefix + ".bin")
         os.replace(tmp + ".idx", prefix + ".idx")
+        os.replace(tmp + STATS_SUFFIX, prefix + STATS_SUFFIX)
     finally:
         builder.data_file.close()
-        for suffix in (".bin", ".idx"):
+        for suffix in (".bin", ".idx", STATS_SUFFIX):
             if os.path.exists(tmp + suffix):
                 os.remove(tmp + suffix)
     return n_docs, n_tokens
