@@ -136,12 +136,6 @@ class DSV4Config:
                               f"per step (global / (data.micro_batch_size={data.micro_batch_size} x {dp} "
                               f"data-parallel ranks)), not a multiple of parallel.pp={pp} as megatron's interleaved "
                               f"schedule (parallel.vpp={vpp}) requires; use a multiple of {per_step * pp}")
-        if model.indexer_warmup_steps and par.overlap_grad_reduce:
-            # megatron's overlapped reduction waits for every parameter's gradient hook; frozen tensors fire none.
-            raise ConfigError(f"parallel.overlap_grad_reduce: the indexer warm-up (model.indexer_warmup_steps="
-                              f"{model.indexer_warmup_steps}) freezes all but the indexers, and megatron's overlapped "
-                              f"gradient reduction needs every parameter's gradient; set "
-                              f"parallel.overlap_grad_reduce=false or model.indexer_warmup_steps=0")
         # Validation: run.eval_iters micro-batches for the whole job, each rank ceil(eval_iters / dp) (data.valid).
         eval_per_rank = -(-self.run.eval_iters // dp)
         if vpp > 1 and eval_per_rank % pp:

@@ -217,16 +217,21 @@ class DSV4Model(MegatronModule):
 
     # --- attention phases ----------------------------------------------------------------------------------
     def set_attention_phase(self, phase: str) -> None:
-        """dense: CSA attends to every visible compressed entry, the indexer is idle.
+        """dense: CSA attends to every visible compressed entry; the indexers are idle, so they are frozen (trained,
+            they would get no gradient, and weight decay alone would shrink them through the whole dense phase).
         indexer_warmup: dense attention; only the indexers learn (their KL loss), everything else is frozen.
         sparse: top-k attention; the indexers learn from their KL loss on detached inputs, the rest from the LM loss.
+        Frozen means `requires_grad` off; the training loop keeps such tensors out of the optimizer step
+        (`dsv4.train.loop.leave_out_frozen`), so neither they nor their optimizer state change.
         """
         if phase not in ATTENTION_PHASES:
             raise ValueError(f"attention phase {phase!r}: expected one of {ATTENTION_PHASES}")
         self.phase = phase
         indexer_params = {id(p) for p in self.indexer_parameters()}
         for p in self.parameters():
-            p.requires_grad_(phase != "indexer_warmup" or id(p) in indexer_params)
+            trains = {"dense": id(p) not in indexer_params, "indexer_warmup": id(p) in indexer_params,
+                      "sparse": True}[phase]
+            p.requires_grad_(trains)
         for block in self.blocks():
             block.attn.phase = phase
 

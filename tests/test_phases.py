@@ -117,8 +117,8 @@ def test_attention_phase_schedule(debug_cfg):
 
 
 def test_set_step_switches_phase_and_trainable_params(debug_cfg, groups):
-    """set_step applies the scheduled phase to every block (MTP included) and freezes all but the indexers in
-    indexer_warmup only; leaving the warm-up makes everything trainable again."""
+    """set_step applies the scheduled phase to every block (MTP included), freezes the idle indexers in the dense
+    phase and all but the indexers in indexer_warmup; the sparse phase makes everything trainable again."""
     cfg = debug_cfg.replace(dense_attention_steps=1, indexer_warmup_steps=1)
     model = build_model(cfg, groups)
     indexer = {id(p) for p in model.indexer_parameters()}
@@ -129,15 +129,16 @@ def test_set_step_switches_phase_and_trainable_params(debug_cfg, groups):
         assert all(block.attn.phase == phase for block in model.blocks())
         assert len(list(model.blocks())) == cfg.num_layers + cfg.mtp_depth
         for p in model.parameters():
-            assert p.requires_grad == (phase != "indexer_warmup" or id(p) in indexer)
+            expected = {"dense": id(p) not in indexer, "indexer_warmup": id(p) in indexer, "sparse": True}[phase]
+            assert p.requires_grad == expected, (phase, id(p) in indexer)
     with pytest.raises(ValueError):
         model.set_attention_phase("warmup")
 
 
 # --- the indexer warm-up in the training loop: nothing but the indexers changes -----------------------------------
 
-# step 0 dense (every tensor trains and gets optimizer state), steps 1-2 indexer warm-up, step 3 sparse.
-WARMUP = ["model.dense_attention_steps=1", "model.indexer_warmup_steps=2", "run.steps=4", "optim.warmup_steps=1",
+# step 0 dense (all but the indexers train and get optimizer state), steps 1-2 indexer warm-up, steps 3-4 sparse.
+WARMUP = ["model.dense_attention_steps=1", "model.indexer_warmup_steps=2", "run.steps=5", "optim.warmup_steps=1",
           "optim.schedule=constant", "optim.lr=1e-3", "data.seq_length=128", "data.micro_batch_size=2",
           "data.global_batch_size=4", "run.eval_interval=0", "run.save_interval=0", "run.progress_bar=false"]
 
@@ -191,10 +192,14 @@ def check_indexer_warmup_freezes_the_rest(cfg, groups, seed: int = 0) -> None:
         assert not metrics["skipped"]
         return metrics
 
-    step(0)  # dense: everything trains, so the frozen tensors have optimizer state that must not move
+    params = {id(p): p.detach().clone() for _, p in named}
+    history = [step(0)]  # dense: all but the idle indexers train (so those tensors have optimizer state to keep)
+    for name, p in named:
+        assert torch.equal(p, params[id(p)]) == (id(p) in indexer), f"{name}: wrong tensors trained in the dense phase"
     params = {id(p): p.detach().clone() for _, p in named}
     state = _optimizer_state(optimizer)
     warm = [step(i) for i in (1, 2)]
+    history += warm
     state_now = _optimizer_state(optimizer)
     for name, p in named:
         if id(p) in indexer:
@@ -209,9 +214,11 @@ def check_indexer_warmup_freezes_the_rest(cfg, groups, seed: int = 0) -> None:
     # The gradient norm is that of the indexers alone: their loss is the only one with a gradient.
     assert all(0 < m["grad_norm"] for m in warm)
     params = {id(p): p.detach().clone() for _, p in named}
-    step(3)  # sparse: the whole model trains again
+    history.append(step(3))  # sparse: the whole model trains again
     moved = [name for name, p in named if not torch.equal(p, params[id(p)])]
     assert len(moved) == len(named), sorted({n for n, _ in named} - set(moved))
+    history.append(step(4))  # a second sparse step: megatron's overlapped reduction is back in its normal mode
+    return [p.detach().clone() for _, p in named], history
 
 
 @pytest.mark.parametrize("overrides", [[], ["parallel.distributed_optimizer=false"], ["precision=bf16"],
@@ -227,15 +234,6 @@ def test_indexer_warmup_changes_nothing_but_the_indexers(groups, overrides):
     check_indexer_warmup_freezes_the_rest(compose_config("debug", [*WARMUP, *overrides]), groups)
 
 
-def test_indexer_warmup_refuses_overlapped_gradient_reduction():
-    """megatron's overlapped reduction waits for the gradient hook of every parameter, which frozen ones never fire
-    (its bucket bookkeeping then fails an assertion at the next step): refused at start-up, naming the key."""
-    from dsv4.conf.schema import ConfigError, compose_config
-
-    with pytest.raises(ConfigError, match=r"parallel.overlap_grad_reduce: the indexer warm-up"):
-        compose_config("debug", [*WARMUP, "parallel.overlap_grad_reduce=true"])
-
-
 def _warmup_worker(rank, world_size, overrides):
     from dsv4.conf.schema import compose_config
     from dsv4.parallel.state import init_distributed
@@ -243,15 +241,24 @@ def _warmup_worker(rank, world_size, overrides):
     cfg = compose_config("debug", [*WARMUP, *overrides], world_size=world_size)
     p = cfg.parallel
     groups = init_distributed(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, vpp=p.vpp)
-    check_indexer_warmup_freezes_the_rest(cfg, groups, seed=rank)
+    params, history = check_indexer_warmup_freezes_the_rest(cfg, groups, seed=rank)
+    if p.overlap_grad_reduce:  # the same run without overlapping the reduction: bit-identical
+        plain = compose_config("debug", [*WARMUP, *overrides, "parallel.overlap_grad_reduce=false"],
+                               world_size=world_size)
+        params_plain, history_plain = check_indexer_warmup_freezes_the_rest(plain, groups, seed=rank)
+        assert [m["loss"] for m in history] == [m["loss"] for m in history_plain]
+        assert all(torch.equal(a, b) for a, b in zip(params, params_plain))
 
 
 @pytest.mark.parametrize("overrides", [["data.micro_batch_size=1"], ["optim=muon", "data.micro_batch_size=1"],
-                                       ["parallel.tp=2"]],
-                         ids=["dp2-adamw-distopt", "dp2-muon-sharded", "tp2-adamw"])
+                                       ["parallel.tp=2"],
+                                       ["data.micro_batch_size=1", "parallel.overlap_grad_reduce=true"]],
+                         ids=["dp2-adamw-distopt", "dp2-muon-sharded", "tp2-adamw", "dp2-adamw-distopt-overlap"])
 def test_indexer_warmup_changes_nothing_but_the_indexers_on_two_ranks(overrides):
     """The same on 2 gloo ranks: data parallel with ZeRO-1 AdamW and with Muon sharded by whole tensors, and tensor
-    parallel; every rank checks its own tensors and state."""
+    parallel; every rank checks its own tensors and state. With megatron's overlapped gradient reduction (which
+    learns which parameters get gradients, and must learn it again as the phases freeze and thaw tensors:
+    `loop.relearn_overlapped_reduction`) the phases train bit-identically to the run without overlap."""
     from dist_utils import run_workers
 
     run_workers(_warmup_worker, 2, overrides, timeout=300)

@@ -88,13 +88,10 @@ def _wait_until(proc, ready, what, timeout=300.0):
         time.sleep(0.02)
 
 
-def test_ctrl_c_saves_the_step_exits_130_and_the_rerun_resumes(cache_dir, tmp_path):
-    """SIGINT (Ctrl-C) with no periodic checkpoint due (run.save_interval=1000): the run finishes its step, saves it,
-    exits with 130 and prints no traceback; the same command again resumes from that step and finishes."""
-    run_dir = tmp_path / "run"
-    proc, err = _start(cache_dir, run_dir, tmp_path, "interrupted")
+def _ctrl_c_when(proc, err, ready, what: str) -> tuple:
+    """SIGINT to `proc` once `ready()`; it must exit with 130 and print no traceback. Returns (stdout, stderr)."""
     try:
-        _wait_until(proc, lambda: len(metrics_rows(run_dir)) >= 3, "step 3")
+        _wait_until(proc, ready, what)
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=300)
     finally:
@@ -103,6 +100,15 @@ def test_ctrl_c_saves_the_step_exits_130_and_the_rerun_resumes(cache_dir, tmp_pa
     stderr = err.read_text()
     assert proc.returncode == 130, f"exit {proc.returncode}\n{stderr[-3000:]}"
     assert "Traceback" not in stderr, stderr[-3000:]
+    return out, stderr
+
+
+def test_ctrl_c_saves_the_step_exits_130_and_the_rerun_resumes(cache_dir, tmp_path):
+    """SIGINT (Ctrl-C) with no periodic checkpoint due (run.save_interval=1000): the run finishes its step, saves it,
+    exits with 130 and prints no traceback; the same command again resumes from that step and finishes."""
+    run_dir = tmp_path / "run"
+    proc, err = _start(cache_dir, run_dir, tmp_path, "interrupted")
+    out, stderr = _ctrl_c_when(proc, err, lambda: len(metrics_rows(run_dir)) >= 3, "step 3")
     assert "Ctrl-C: stopping after this step with a checkpoint" in stderr, stderr[-3000:]
     stopped = [int(s) for s in re.findall(r"step (\d+): stopping on SIGINT, checkpoint", out)]
     assert len(stopped) == 1 and 3 <= stopped[0] < CTRL_C_STEPS, out
@@ -122,16 +128,7 @@ def test_ctrl_c_during_start_up_exits_130_quietly(cache_dir, tmp_path):
     (whether it lands before train() installs its handler or after)."""
     run_dir = tmp_path / "run"
     proc, err = _start(cache_dir, run_dir, tmp_path, "start-up")
-    try:
-        _wait_until(proc, lambda: (run_dir / ".hydra").is_dir(), "the run folder")
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    stderr = err.read_text()
-    assert proc.returncode == 130, f"exit {proc.returncode}\n{stderr[-3000:]}"
-    assert "Traceback" not in stderr, stderr[-3000:]
+    _ctrl_c_when(proc, err, lambda: (run_dir / ".hydra").is_dir(), "the run folder")
     assert not metrics_rows(run_dir) and not _complete_steps(run_dir)
 
 

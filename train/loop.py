@@ -255,8 +255,9 @@ def _main_params(opt):
 
 
 def leave_out_frozen(optimizer) -> None:
-    """Keep the parameters frozen this step (`requires_grad` off: everything but the indexers in the indexer
-    warm-up, `DSV4Model.set_attention_phase`) out of the update and out of the gradient norm and clipping.
+    """Keep the parameters frozen this step (`requires_grad` off: the idle indexers in the dense phase, everything
+    but the indexers in the indexer warm-up, `DSV4Model.set_attention_phase`) out of the update and out of the
+    gradient norm and clipping.
 
     Why: megatron's DDP keeps a `main_grad` buffer for a frozen parameter (zero, as nothing flows into it), and its
     optimizers hand it to AdamW as the gradient, so weight decay and the moments would still move the tensor (and
@@ -270,6 +271,29 @@ def leave_out_frozen(optimizer) -> None:
         for model_param, main in _main_params(opt):
             if not model_param.requires_grad:
                 main.grad = None
+
+
+def relearn_overlapped_reduction(chunks: list, cfg: DSV4Config, step: int) -> None:
+    """Under parallel.overlap_grad_reduce: make megatron DDP learn again which parameters get gradients, in the
+    phases that freeze some (dense, indexer warm-up) and at every phase change.
+
+    Why: megatron's bucket groups record, in the first step, which parameters' gradient hooks fire, then launch a
+    bucket's reduction during backward once exactly those have fired (and assert at the next reset that every
+    parameter of the group fired). Frozen tensors fire none, and the set changes with the phase. A bucket group
+    still "in its first batch" reduces after backward instead (`finish_grad_sync`): the same sums, not overlapped.
+    So while a phase freezes tensors (and on the first step of a new phase) the groups' record is cleared and they
+    stay in their first batch; from the second sparse step on, the reduction overlaps with backward again. Call it
+    before `zero_grad_buffer` (whose reset would check the record)."""
+    if not cfg.parallel.overlap_grad_reduce:
+        return
+    phase = cfg.model.attention_phase(step)
+    if phase == "sparse" and (step == 0 or cfg.model.attention_phase(step - 1) == "sparse"):
+        return
+    for chunk in chunks:
+        for group in [*chunk.bucket_groups, *chunk.expert_parallel_bucket_groups]:
+            group.per_param_grad_ready_counts = {}
+            group.golden_per_param_grad_ready_counts = {}
+            group.is_first_batch = True
 
 
 def _optimizer_step(optimizer, chunks: list) -> None:
@@ -301,6 +325,7 @@ def train_step(chunks: list, optimizer, batches: list, cfg: DSV4Config, groups: 
     lr = learning_rate(cfg.optim, step, cfg.run.steps)
     _set_schedule(optimizer, cfg, lr)
     w_mtp = mtp_loss_weight(cfg.optim, cfg.model.mtp_loss_weight, step, cfg.run.steps)
+    relearn_overlapped_reduction(chunks, cfg, step)
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
